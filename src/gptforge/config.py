@@ -1,0 +1,343 @@
+"""Run configuration: typed dataclasses, filled from defaults, then a TOML file, then the command line.
+
+Sections: `model` (which architecture: a preset plus overrides), `data`, `optim`, `run`.
+The architecture itself is `gptforge.model.GPTConfig`; `ModelArgs.gpt_config()` resolves it.
+Unknown keys and wrong types are errors that list the valid keys. Field docs (the comment after
+each field) become the CLI help of `gptforge train --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from gptforge.errors import GPTForgeError
+from gptforge.model import PRESETS, GPTConfig, preset
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass
+class ModelArgs:
+    preset: str = "tiny"  # named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    n_layer: int | None = None  # override the preset's number of blocks
+    n_head: int | None = None  # override the preset's number of heads
+    n_embd: int | None = None  # override the preset's width
+    block_size: int | None = None  # override the preset's context length
+    dropout: float = 0.0  # dropout in attention, residual and embedding paths
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2: true)
+    attention: str = "flash"  # flash (scaled_dot_product_attention) | manual (explicit mask)
+    pad_vocab: bool = False  # pad the vocabulary 50257 -> 50304 for faster matmuls
+
+    def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
+        return preset(
+            self.preset,
+            vocab_size=vocab_size,
+            dropout=self.dropout,
+            bias=self.bias,
+            attention=self.attention,
+            pad_vocab=self.pad_vocab,
+            **overrides,
+        )
+
+
+@dataclass
+class DataArgs:
+    dir: str = ""  # directory of prepared shards; empty = the embedded python-stdlib corpus (prepared on first use)
+    seq_len: int = 0  # tokens per sequence T; 0 = the model's block_size
+    order: str = "shuffle"  # shuffle (seeded permutation of windows each epoch) | sequential
+    prefetch: int = 2  # batches prepared ahead in a background thread (0 = off)
+
+
+@dataclass
+class OptimArgs:
+    batch_tokens: int = 16384  # tokens per optimizer step across all ranks and micro-steps
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio after cosine decay
+    warmup_steps: int = 20  # linear warmup steps
+    decay_steps: int = 0  # cosine decay ends here; 0 = run.max_steps
+    weight_decay: float = 0.1  # applied to >=2-D parameters only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+    fused: str = "auto"  # fused AdamW: auto (where available) | on | off
+    spike_guard: bool = False  # skip steps whose loss/grad norm spikes; roll back after repeats
+    spike_k: float = 6.0  # a spike is > mean + k * std of recent steps
+    spike_window: int = 50  # steps of history for the running statistics
+    spike_max_skips: int = 3  # consecutive skips before rolling back to the last checkpoint
+    spike_lr_factor: float = 0.5  # LR multiplier applied after a rollback
+
+
+@dataclass
+class RunArgs:
+    dir: str = "runs/tiny"  # run directory: config, metrics.jsonl, checkpoints/
+    max_steps: int = 300  # optimizer steps
+    seed: int = 1337  # seeds python, numpy, torch and the data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 on recent GPUs, else fp32)
+    compile: bool = False  # torch.compile the training forward/backward
+    eval_every: int = 100  # steps between validation passes (0 = only at the end)
+    eval_tokens: int = 262144  # validation tokens per pass (0 = the whole split)
+    sample_every: int = 0  # steps between short samples (0 = only at the end)
+    sample_tokens: int = 64  # tokens in each sample
+    ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 1  # steps between metrics rows
+    peak_tflops: float = 0.0  # peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe
+    log: str = "none"  # none | wandb | tensorboard (metrics.jsonl is always written)
+    project: str = "gptforge"  # wandb project
+    name: str = ""  # run name for trackers; empty = the run directory's name
+    dist: str = "ddp"  # ddp | fsdp when launched by torchrun
+    hellaswag_every: int = 0  # steps between HellaSwag evaluations (0 = off)
+    hellaswag_path: str = ""  # HellaSwag jsonl for in-training evaluation
+    max_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0 = no limit
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        cfg = cls()
+        apply_dict(cfg, d, where)
+        return cfg
+
+    def validate(self) -> "TrainConfig":
+        validate(self)
+        return self
+
+
+SECTIONS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _section_types(section) -> dict[str, typing.Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check/convert a TOML or CLI value to the annotated type; raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "on", "yes", "1", "false", "off", "no", "0"):
+            return value.lower() in ("true", "on", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every field above is one of these
+        return value
+    raise GPTForgeError(f"{where}: {key} expects {tp.__name__}, got {value!r}")
+
+
+def set_value(cfg: TrainConfig, dotted: str, value, where: str) -> None:
+    section_name, _, key = dotted.partition(".")
+    if section_name not in SECTIONS or not key:
+        raise GPTForgeError(
+            f"{where}: unknown key {dotted!r}; keys look like section.key with sections {', '.join(SECTIONS)}"
+        )
+    section = getattr(cfg, section_name)
+    hints = _section_types(section)
+    if key not in hints:
+        raise GPTForgeError(
+            f"{where}: unknown key {dotted!r}; valid keys in [{section_name}]: {', '.join(hints)}"
+        )
+    setattr(section, key, _coerce(value, hints[key], dotted, where))
+
+
+def apply_dict(cfg: TrainConfig, d: dict, where: str) -> None:
+    for section_name, body in d.items():
+        if section_name not in SECTIONS:
+            raise GPTForgeError(f"{where}: unknown section [{section_name}]; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise GPTForgeError(f"{where}: [{section_name}] must be a table of keys, got {body!r}")
+        for key, value in body.items():
+            set_value(cfg, f"{section_name}.{key}", value, where)
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise GPTForgeError(f"{path}: config file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise GPTForgeError(f"{path}: not valid TOML ({e})") from e
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """['--run.max_steps', '10', '--optim.lr=3e-4'] -> [('run.max_steps', '10'), ('optim.lr', '3e-4')]."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise GPTForgeError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise GPTForgeError(f"{arg} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key, value))
+    return out
+
+
+def resolve(config_file: str | Path | None = None, overrides: list[tuple[str, str]] | None = None) -> TrainConfig:
+    """Defaults -> TOML file -> overrides, then validate."""
+    cfg = TrainConfig()
+    if config_file:
+        apply_dict(cfg, load_toml(config_file), str(config_file))
+    for key, value in overrides or []:
+        set_value(cfg, key, value, f"--{key}")
+    return cfg.validate()
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every field together; one error listing every problem."""
+    p: list[str] = []
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    if m.preset not in PRESETS:
+        p.append(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+    else:
+        try:
+            m.gpt_config()
+        except GPTForgeError as e:
+            p.append(str(e))
+    for name in ("batch_tokens", "micro_batch_size"):
+        if getattr(o, name) <= 0:
+            p.append(f"optim.{name} must be > 0, got {getattr(o, name)}")
+    for name in ("max_steps", "keep_last", "log_every", "sample_tokens"):
+        if getattr(r, name) <= 0:
+            p.append(f"run.{name} must be > 0, got {getattr(r, name)}")
+    for sec, name in (("run", "eval_every"), ("run", "ckpt_every"), ("run", "sample_every"), ("run", "eval_tokens"),
+                      ("run", "hellaswag_every"), ("optim", "warmup_steps"), ("optim", "decay_steps"),
+                      ("data", "seq_len"), ("data", "prefetch")):
+        if getattr(getattr(cfg, sec), name) < 0:
+            p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        p.append(f"optim.lr must be a positive number, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
+        p.append("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        p.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+    if o.fused not in ("auto", "on", "off"):
+        p.append(f"optim.fused must be auto, on or off, got {o.fused!r}")
+    if o.spike_k <= 0 or o.spike_window < 2 or o.spike_max_skips < 1 or not 0 < o.spike_lr_factor <= 1:
+        p.append("optim.spike_k > 0, optim.spike_window >= 2, optim.spike_max_skips >= 1, optim.spike_lr_factor in (0, 1]")
+    if d.order not in ("shuffle", "sequential"):
+        p.append(f"data.order must be shuffle or sequential, got {d.order!r}")
+    if r.precision not in PRECISIONS + ("auto",):
+        p.append(f"run.precision must be one of {', '.join(PRECISIONS + ('auto',))}, got {r.precision!r}")
+    if r.log not in ("none", "wandb", "tensorboard"):
+        p.append(f"run.log must be none, wandb or tensorboard, got {r.log!r}")
+    if r.dist not in ("ddp", "fsdp"):
+        p.append(f"run.dist must be ddp or fsdp, got {r.dist!r}")
+    if not r.dir:
+        p.append("run.dir must not be empty")
+    if r.peak_tflops < 0 or r.max_minutes < 0:
+        p.append("run.peak_tflops and run.max_minutes must be >= 0")
+    if not p and m.preset in PRESETS:
+        block = m.gpt_config().block_size
+        if d.seq_len > block:
+            p.append(f"data.seq_len ({d.seq_len}) exceeds the model's block_size ({block})")
+    if p:
+        raise GPTForgeError("invalid config: " + "; ".join(p))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic, worked out once: tokens per step = micro_batch * seq_len * world * accum."""
+
+    batch_tokens: int
+    micro_batch_size: int
+    seq_len: int
+    world_size: int
+    grad_accum_steps: int
+
+    @classmethod
+    def make(cls, batch_tokens: int, micro_batch_size: int, seq_len: int, world_size: int = 1) -> "BatchPlan":
+        per_micro = micro_batch_size * seq_len * world_size
+        if batch_tokens % per_micro:
+            raise GPTForgeError(
+                f"optim.batch_tokens ({batch_tokens}) must be a multiple of micro_batch_size * seq_len * world_size "
+                f"= {micro_batch_size} * {seq_len} * {world_size} = {per_micro}"
+            )
+        return cls(batch_tokens, micro_batch_size, seq_len, world_size, batch_tokens // per_micro)
+
+
+def seq_len_of(cfg: TrainConfig) -> int:
+    return cfg.data.seq_len or cfg.model.gpt_config().block_size
+
+
+def field_help(section_cls) -> dict[str, str]:
+    """Field name -> the comment after it in this file (used as CLI help)."""
+    import inspect
+
+    src = inspect.getsource(section_cls)
+    out = {}
+    for line in src.splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", "def", "class")):
+            name = line.split(":", 1)[0].strip()
+            out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+def describe() -> str:
+    """Every key with its type, default and doc: the help text of `gptforge train`."""
+    lines = []
+    cfg = TrainConfig()
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        docs = field_help(type(section))
+        lines.append(f"[{section_name}]")
+        for key, tp in _section_types(section).items():
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            lines.append(f"  --{section_name}.{key} ({tname}, default {getattr(section, key)!r}): {docs.get(key, '')}")
+    return "\n".join(lines)
