@@ -1,0 +1,149 @@
+"""Device, precision and seeding, decided in one place and reused by train, bench, eval and sample.
+
+(It sits at the bottom of the house rather than in train/: generate and eval need it too, and
+nothing may import upward.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gptforge.errors import GPTForgeError
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto -> cuda if available, else mps, else cpu. A device that is not there is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise GPTForgeError(f"run.device: unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GPTForgeError(f"run.device is {name!r} but CUDA is not available on this machine; use --run.device cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA GPUs that support it, else fp32. fp16 is only meaningful on CUDA."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise GPTForgeError("run.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """TF32 tensor cores for fp32 matmuls in every mode but pure fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision mode: bf16/fp16 autocast, else nothing."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# Dense peak FLOP/s (no sparsity) per GPU and dtype, in TFLOP/s: the MFU denominator.
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},  # SXM
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "tf32": 15.7, "fp32": 15.7},
+    "T4": {"bf16": 0.0, "fp16": 65.0, "tf32": 8.1, "fp32": 8.1},
+}
+
+
+def gpu_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """Look the device name up in the table (longest matching key wins); None if unknown."""
+    name = torch.cuda.get_device_name(device)
+    matches = [k for k in GPU_PEAK_TFLOPS if k.lower() in name.lower()]
+    if "H100" in name and ("PCIe" in name or "PCIE" in name):
+        matches = ["H100 PCIe"]
+    if not matches:
+        return None
+    peak = GPU_PEAK_TFLOPS[max(matches, key=len)][precision]
+    return peak or None
+
+
+def measure_matmul_tflops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """Achievable matmul FLOP/s of this device and dtype, from a short square-matmul probe."""
+    dtype = DTYPES[precision]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        if device.type != "cpu" and iters % 10 == 0:
+            synchronize(device)
+    synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> float:
+    """The MFU denominator: an explicit override, else the GPU table, else a probe measurement."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        known = gpu_peak_tflops(device, precision)
+        if known:
+            return known
+    return measure_matmul_tflops(device, precision)
+
+
+@dataclass
+class Runtime:
+    """What a command runs on: resolved once, passed around."""
+
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def make(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        set_matmul_precision(prec)
+        return cls(dev, prec)
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
