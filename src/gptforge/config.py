@@ -62,11 +62,11 @@ class DataArgs:
 
 @dataclass
 class OptimArgs:
-    batch_tokens: int = 16384  # tokens per optimizer step across all ranks and micro-steps
+    batch_tokens: int = 4096  # tokens per optimizer step across all ranks and micro-steps
     micro_batch_size: int = 16  # sequences per forward/backward on one rank
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio after cosine decay
-    warmup_steps: int = 20  # linear warmup steps
+    warmup_steps: int = 10  # linear warmup steps
     decay_steps: int = 0  # cosine decay ends here; 0 = run.max_steps
     weight_decay: float = 0.1  # applied to >=2-D parameters only
     beta1: float = 0.9
@@ -84,16 +84,16 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     dir: str = "runs/tiny"  # run directory: config, metrics.jsonl, checkpoints/
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 120  # optimizer steps
     seed: int = 1337  # seeds python, numpy, torch and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 on recent GPUs, else fp32)
+    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 where the GPU/CPU does it natively, else fp32)
     compile: bool = False  # torch.compile the training forward/backward
-    eval_every: int = 100  # steps between validation passes (0 = only at the end)
-    eval_tokens: int = 262144  # validation tokens per pass (0 = the whole split)
+    eval_every: int = 40  # steps between validation passes (0 = only at the end)
+    eval_tokens: int = 65536  # validation tokens per pass (0 = the whole split)
     sample_every: int = 0  # steps between short samples (0 = only at the end)
     sample_tokens: int = 64  # tokens in each sample
-    ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
+    ckpt_every: int = 40  # steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 1  # steps between metrics rows
     peak_tflops: float = 0.0  # peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe

@@ -38,14 +38,24 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA GPUs that support it, else fp32. fp16 is only meaningful on CUDA."""
+    """auto -> bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16 / AMX),
+    else fp32. fp16 is only meaningful on CUDA."""
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise GPTForgeError("run.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def set_matmul_precision(precision: str) -> None:

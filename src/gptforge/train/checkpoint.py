@@ -1,0 +1,166 @@
+"""Training checkpoints: the native model format plus `state.pt`, written atomically.
+
+RUN_DIR/checkpoints/step_NNNNNN/
+    model.safetensors   weights (safetensors, tied head stored once)
+    config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, ...}
+    state.pt            optimizer, scaler, schedule, every RNG state, loader position; plain
+                        tensors/containers only, so it loads with torch.load(weights_only=True)
+
+A checkpoint directory only ever appears under its final name complete (temp dir, fsync,
+rename), so `--resume auto` can trust any `step_*` directory it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptforge.checkpoint import CONFIG, WEIGHTS, load_state_checked, read_config, write_model_files
+from gptforge.errors import GPTForgeError
+from gptforge.fsutil import TMP_PREFIX, atomic_dir, remove_stale_tmp
+from gptforge.model import GPT, GPTConfig
+
+STATE = "state.pt"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def rng_state() -> dict:
+    """Every RNG the training touches, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temp dirs of interrupted writes are ignored)."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / WEIGHTS).is_file() and (p / CONFIG).is_file() and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """`auto` -> newest complete checkpoint of run_dir (None if there is none); a run dir -> its
+    newest checkpoint; a checkpoint dir -> itself."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if (p / STATE).is_file():
+        return p
+    if checkpoints_dir(p).is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise GPTForgeError(f"--resume {resume}: the run directory has no complete checkpoint")
+        return latest
+    raise GPTForgeError(f"--resume {resume}: not a checkpoint directory (with {STATE}) nor a run directory")
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: GPT,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict,
+    train_config: dict,
+    keep_last: int,
+) -> Path:
+    """Write RUN_DIR/checkpoints/step_NNNNNN atomically; then delete all but the newest keep_last."""
+    ckdir = checkpoints_dir(run_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(ckdir)
+    final = ckdir / step_dir_name(step)
+    extra = {"train": train_config, "step": step}
+
+    def write(tmp: Path) -> None:
+        write_model_files(tmp, model_state, model.config, extra)
+        torch.save(train_state, tmp / STATE)
+
+    if not final.exists():
+        with atomic_dir(final) as tmp:
+            write(tmp)
+    else:  # a checkpoint of the same step exists (a rerun): stage the new one, then swap
+        new, old = ckdir / (TMP_PREFIX + final.name + ".new"), ckdir / (TMP_PREFIX + final.name + ".old")
+        with atomic_dir(new) as tmp:
+            write(tmp)
+        os.rename(final, old)
+        os.rename(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(ckpt: Path) -> dict:
+    """state.pt through the safe unpickler: tensors and plain containers only, never code."""
+    path = ckpt / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise GPTForgeError(f"{path}: not found") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GPTForgeError(f"{path}: refused or unreadable training state ({first[:200]})") from e
+
+
+def load_checkpoint_model(ckpt: Path, model: GPT) -> None:
+    """Load the weights of a checkpoint into an already-built model (shapes checked)."""
+    state = load_state_checked(ckpt / WEIGHTS, model)
+    model.load_state_dict(state, strict=False)
+
+
+def checkpoint_meta(ckpt: Path) -> tuple[GPTConfig, dict]:
+    meta = read_config(ckpt)
+    train = meta.get("train")
+    if not isinstance(train, dict):
+        raise GPTForgeError(f"{ckpt / CONFIG}: no 'train' section; not a training checkpoint")
+    return GPTConfig.from_dict(meta["model"]), train
+
+
+def write_run_config(run_dir: Path, config: dict) -> None:
+    from gptforge.fsutil import atomic_write_text
+
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,73 @@
+"""What a run tells the world: a tqdm bar (or plain lines when not on a terminal),
+RUN_DIR/metrics.jsonl (the source of truth), and an optional tracker. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def fmt_tokens(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def train_line(row: dict) -> str:
+    mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
+    return (
+        f"step {row['step']:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm {row['grad_norm']:.3f}"
+        f" | {row['dt_ms']:.0f} ms | {fmt_tokens(row['tokens_per_s'])} tok/s{mfu}"
+    )
+
+
+class Reporter:
+    """One printer and logger for the whole run. Does nothing on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, tracker=None, progress: bool = True):
+        self.enabled = enabled
+        self.tracker = tracker
+        self.bar = None
+        self.file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.interactive = progress and sys.stderr.isatty() and not os.environ.get("CI")
+        if self.interactive:
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.progress = progress
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def log(self, row: dict, echo: bool = True) -> None:
+        """Append one row to metrics.jsonl (and the tracker); train rows move the bar."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row)
+        if "loss" in row and "dt_ms" in row:
+            if self.bar is not None:
+                self.bar.set_postfix_str(train_line(row).split("| ", 1)[1], refresh=False)
+                self.bar.update(row["step"] + 1 - self.bar.n)
+            elif echo and self.progress:
+                print(train_line(row), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tracker is not None:
+            self.tracker.close()

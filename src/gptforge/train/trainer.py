@@ -1,0 +1,321 @@
+"""The training loop: accumulation, precision, clipping, evaluation, metrics, checkpoints, resume.
+
+Everything the model must not know (device, autocast, compile, DDP/FSDP) is applied here, once.
+`train(cfg)` is the whole job; `gptforge train` is a thin parser over it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptforge import __version__
+from gptforge.checkpoint import model_state_for_saving
+from gptforge.config import BatchPlan, TrainConfig, seq_len_of
+from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
+from gptforge.errors import GPTForgeError
+from gptforge.model import GPT
+from gptforge.train import checkpoint as ckpt
+from gptforge.train import distributed as distrib
+from gptforge.train.metrics import Reporter
+from gptforge.train.optim import lr_at, make_optimizer, set_lr
+from gptforge.train.spike import SpikeGuard
+
+
+@dataclass
+class TrainResult:
+    step: int = 0  # optimizer steps completed
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
+    val_loss: float | None = None
+    last_checkpoint: Path | None = None
+    stopped: str = "done"  # done | interrupted | time limit
+    sample: str = ""
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, checkpoint and exit cleanly. Second: abort now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def resolve_data_dir(cfg: TrainConfig, env: distrib.DistEnv) -> Path:
+    """The configured shard directory, or the embedded corpus (prepared once, by rank 0)."""
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    from gptforge.data.prepare import ensure_default_corpus
+
+    if env.is_main:
+        path = ensure_default_corpus()
+    distrib.barrier(env)
+    if not env.is_main:
+        path = ensure_default_corpus()
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.env = distrib.DistEnv.from_env()
+        self.rt = Runtime.make(distrib.device_for(self.env, cfg.run.device), cfg.run.precision)
+        distrib.init(self.env, self.rt.device)
+        self.run_dir = Path(cfg.run.dir)
+        self.resume_from = ckpt.resolve_resume(resume, self.run_dir) if resume else None
+        seed_everything(cfg.run.seed)
+
+        from gptforge.data.loader import ShardLoader
+
+        self.seq_len = seq_len_of(cfg)
+        self.plan = BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size, self.seq_len, self.env.world_size)
+        data_dir = resolve_data_dir(cfg, self.env)
+        gpt_config = cfg.model.gpt_config()
+        common = dict(batch_size=cfg.optim.micro_batch_size, seq_len=self.seq_len, rank=self.env.rank,
+                      world_size=self.env.world_size, device=str(self.rt.device), vocab_size=gpt_config.vocab_size)
+        self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
+                                  prefetch=cfg.data.prefetch, **common)
+        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
+
+        self.model = GPT(gpt_config).to(self.rt.device)  # the raw module: saved, evaluated, sampled
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
+        self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
+        self.step, self.lr_scale = 0, 1.0
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision)
+        if cfg.run.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
+        self.tracker = None
+        if self.env.is_main and cfg.run.log != "none":
+            from gptforge.train.trackers import make_tracker
+
+            self.tracker = make_tracker(cfg.run.log, self.run_dir, cfg.to_dict(), cfg.run.project, cfg.run.name or self.run_dir.name)
+        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, self.tracker, progress)
+
+    # ----------------------------------------------------------------- state
+    def restore(self, path: Path) -> None:
+        """Load weights, optimizer, scaler, schedule, RNGs and loader position of a checkpoint."""
+        saved_model, _ = ckpt.checkpoint_meta(path)
+        if saved_model.to_dict() | {"attention": None} != self.model.config.to_dict() | {"attention": None}:
+            raise GPTForgeError(
+                f"{path}: checkpoint architecture {saved_model} differs from the configured {self.model.config}"
+            )
+        state = ckpt.load_train_state(path)
+        ckpt.load_checkpoint_model(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"][self.env.rank % len(state["loader"])] if isinstance(state["loader"], list) else state["loader"])
+        if self.guard is not None and state.get("spike_guard"):
+            self.guard.load_state_dict(state["spike_guard"])
+        self.step, self.lr_scale = int(state["step"]), float(state.get("lr_scale", 1.0))
+        ckpt.set_rng_state(state["rng"])
+
+    def train_state(self) -> dict:
+        loader_states = [self.loader.state_dict()]
+        if self.env.enabled:  # every rank's position, so any world size can resume
+            gathered = [None] * self.env.world_size
+            torch.distributed.all_gather_object(gathered, loader_states[0])
+            loader_states = gathered
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": ckpt.rng_state(),
+            "loader": loader_states,
+            "spike_guard": self.guard.state_dict() if self.guard is not None else None,
+            "lr_scale": self.lr_scale,
+            "gptforge_version": __version__,
+        }
+
+    def save(self) -> Path | None:
+        state = self.train_state()  # collective under torchrun: every rank takes part
+        if not self.env.is_main:
+            distrib.barrier(self.env)
+            return None
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, model_state_for_saving(self.model),
+                                    state, self.cfg.to_dict(), self.cfg.run.keep_last)
+        distrib.barrier(self.env)
+        return path
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches. Returns the metrics row."""
+        cfg, plan = self.cfg, self.plan
+        synchronize(self.rt.device)
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg.optim, cfg.run.max_steps) * self.lr_scale
+        set_lr(self.optimizer, lr)
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro in range(plan.grad_accum_steps):
+            x, y = self.loader.next_batch()
+            last = micro == plan.grad_accum_steps - 1
+            with distrib.no_sync(self.train_model, last), self.rt.autocast():
+                _, loss = self.train_model(x, y)
+                loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        distrib.all_reduce_mean(loss_sum, self.env)
+        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+
+        skip_reason = self.guard.observe(loss_value, norm_value) if self.guard is not None else None
+        if skip_reason is None and not math.isfinite(loss_value):
+            raise GPTForgeError(
+                f"loss is {loss_value} at step {self.step}; stopping (the last good checkpoint is left as it was; "
+                "lower optim.lr or enable --optim.spike_guard on)"
+            )
+        if skip_reason is None:
+            self.scaler.step(self.optimizer)
+        else:
+            row.update(skipped=True, reason=skip_reason)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.rt.device)
+        dt = time.perf_counter() - t0
+        tokens_per_s = plan.batch_tokens / dt
+        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s,
+                   mfu=self.flops_per_token * tokens_per_s / self.env.world_size / self.peak)
+        self.step += 1
+        return row
+
+    def evaluate(self) -> float:
+        from gptforge.eval.perplexity import evaluate_loss
+
+        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens)
+        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
+                         "val_loss": out["loss"], "val_ppl": out["ppl"]})
+        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f}")
+        return out["loss"]
+
+    def hellaswag(self) -> None:
+        from gptforge.eval.hellaswag import evaluate_hellaswag
+
+        out = evaluate_hellaswag(self.model, self.cfg.run.hellaswag_path, self.rt)
+        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
+                         "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
+        self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
+
+    def sample(self, prompt: str = "\n") -> str:
+        from gptforge.generate import generate
+        from gptforge.tokenizer import Tokenizer
+
+        tok = Tokenizer()
+        ids = generate(self.model, tok.encode(prompt), max_new_tokens=self.cfg.run.sample_tokens,
+                       temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
+        return tok.decode(ids)
+
+    def roll_back(self) -> None:
+        """After repeated spikes: back to the last checkpoint, with a smaller learning rate."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise GPTForgeError(
+                f"{self.guard.consecutive} consecutive loss spikes at step {self.step} and no checkpoint to roll back to"
+            )
+        scale = self.lr_scale * self.cfg.optim.spike_lr_factor
+        skipped = self.guard.skipped_total
+        self.restore(latest)
+        self.lr_scale = scale
+        self.guard.skipped_total = skipped
+        self.guard.consecutive = 0
+        self.report.log({"step": self.step, "event": "rollback", "checkpoint": str(latest), "lr_scale": scale})
+        self.report.print(f"rolled back to {latest.name} after repeated spikes; learning rate now x{scale:g}")
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        cfg, res = self.cfg, TrainResult()
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_run_config(self.run_dir, cfg.to_dict())
+            self.report.print(self.banner())
+        start_time = time.time()
+        try:
+            with StopRequest() as stop:
+                while self.step < cfg.run.max_steps:
+                    row = self.train_step()
+                    res.losses[row["step"]] = row["loss"]
+                    if row["step"] % cfg.run.log_every == 0 or row.get("skipped"):
+                        self.report.log(row)
+                    if row.get("skipped"):
+                        self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
+                        if self.guard.must_roll_back:
+                            self.roll_back()
+                        continue
+                    done = self.step >= cfg.run.max_steps
+                    if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and not done:
+                        res.val_loss = self.evaluate()
+                    if cfg.run.hellaswag_every and self.step % cfg.run.hellaswag_every == 0:
+                        self.hellaswag()
+                    if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and not done and self.env.is_main:
+                        self.report.print(f"sample: {self.sample()!r}")
+                    if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and not done:
+                        res.last_checkpoint = self.save()
+                    timed_out = cfg.run.max_minutes and time.time() - start_time > cfg.run.max_minutes * 60
+                    if stop.requested or timed_out:
+                        res.stopped = "interrupted" if stop.requested else "time limit"
+                        break
+            res.val_loss = self.evaluate()
+            res.last_checkpoint = self.save()
+            if res.stopped != "done":
+                self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
+            if self.env.is_main and res.stopped == "done":
+                res.sample = self.sample()
+        finally:
+            self.report.close()
+            self.loader.close()
+            self.val_loader.close()
+        res.step = self.step
+        return res
+
+    def banner(self) -> str:
+        c, p, m = self.cfg, self.plan, self.model
+        lines = [
+            f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({self.device_name()}) | precision {self.rt.precision}"
+            f" | world size {self.env.world_size} | compile {c.run.compile}",
+            f"model {c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
+            f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
+            f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
+            f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
+            + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
+        ]
+        return "\n".join(lines)
+
+    def device_name(self) -> str:
+        if self.rt.device.type == "cuda":
+            return torch.cuda.get_device_name(self.rt.device)
+        return f"{torch.get_num_threads()} CPU threads"
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        distrib.shutdown(trainer.env)

@@ -1,0 +1,178 @@
+"""The training loop: loss falls, accumulation is exact, resume is bitwise, failures are clean."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge import config as C
+from gptforge.errors import GPTForgeError
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.trainer import Trainer, train
+
+
+def small_cfg(run_dir: Path, data_dir: Path, **overrides) -> C.TrainConfig:
+    """nano GPT, 32-token sequences, 2 micro-steps of 4 sequences per step, fp32 on CPU."""
+    base = {
+        "model.preset": "nano", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
+        "optim.batch_tokens": "256", "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2",
+        "run.dir": str(run_dir), "run.max_steps": "6", "run.device": "cpu", "run.precision": "fp32",
+        "run.eval_every": "0", "run.eval_tokens": "1024", "run.ckpt_every": "3", "run.sample_tokens": "8",
+        "run.peak_tflops": "1.0",
+    }
+    base.update({k: str(v) for k, v in overrides.items()})
+    return C.resolve(None, list(base.items()))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls(tmp_path, shards_dir):
+    res = train(small_cfg(tmp_path / "run", shards_dir, **{"run.max_steps": 40, "run.ckpt_every": 0}), progress=False)
+    losses = [res.losses[s] for s in sorted(res.losses)]
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.6)
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0
+    assert res.val_loss is not None and res.val_loss < losses[0] - 1.5
+
+
+def test_metrics_rows_and_run_files(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    res = train(small_cfg(run, shards_dir, **{"run.max_steps": 4, "run.eval_every": 2}), progress=False)
+    rows = metrics(run)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [0, 1, 2, 3]
+    for r in train_rows:
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_s", "mfu", "tokens"}
+        assert r["dt_ms"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"]
+    assert [r["step"] for r in eval_rows] == [2, 4]
+    assert eval_rows[-1]["val_ppl"] == pytest.approx(math.exp(eval_rows[-1]["val_loss"]), rel=1e-6)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optim"]["batch_tokens"] == 256 and saved["model"]["preset"] == "nano"
+    assert res.sample  # a short sample is produced at the end
+    last = ckpt.latest_checkpoint(run)
+    assert last.name == "step_000004"
+    meta = json.loads((last / "config.json").read_text())
+    assert meta["train"]["run"]["max_steps"] == 4 and meta["step"] == 4 and meta["model"]["n_layer"] == 2
+
+
+def test_micro_batches_equal_one_big_batch(tmp_path, shards_dir):
+    """k micro-batches of B == one batch of k*B: the accumulated loss is the mean, not the sum."""
+    a = train(small_cfg(tmp_path / "a", shards_dir, **{"data.order": "sequential", "run.max_steps": 3,
+                                                     "optim.micro_batch_size": 8}), progress=False)
+    b = train(small_cfg(tmp_path / "b", shards_dir, **{"data.order": "sequential", "run.max_steps": 3,
+                                                     "optim.micro_batch_size": 2}), progress=False)
+    for s in range(3):
+        assert a.losses[s] == pytest.approx(b.losses[s], abs=1e-5)
+
+
+@pytest.mark.parametrize("order,prefetch", [("shuffle", 0), ("sequential", 2)])
+def test_resume_is_bitwise_exact(tmp_path, shards_dir, order, prefetch):
+    over = {"data.order": order, "data.prefetch": prefetch, "model.dropout": 0.1}
+    full = train(small_cfg(tmp_path / "full", shards_dir, **over), progress=False)
+    half = small_cfg(tmp_path / "half", shards_dir, **over, **{"run.max_steps": 3})
+    first = train(half, progress=False)
+    cont = train(small_cfg(tmp_path / "half", shards_dir, **over), resume="auto", progress=False)
+    assert sorted(first.losses) == [0, 1, 2] and sorted(cont.losses) == [3, 4, 5]
+    for s in range(6):
+        got = first.losses.get(s, cont.losses.get(s))
+        assert got == full.losses[s], f"step {s}: {got!r} != {full.losses[s]!r}"  # bitwise
+    assert cont.val_loss == full.val_loss
+
+
+def test_resume_auto_skips_half_written_checkpoints(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    train(small_cfg(run, shards_dir), progress=False)
+    cdir = ckpt.checkpoints_dir(run)
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_000003", "step_000006"]
+    (cdir / ".tmp-step_000009.abc").mkdir()  # an interrupted write
+    (cdir / ".tmp-step_000009.abc" / "model.safetensors").write_bytes(b"\0" * 10)
+    partial = cdir / "step_000012"  # a directory missing its state
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"junk")
+    assert ckpt.resolve_resume("auto", run).name == "step_000006"
+
+
+def test_keep_last(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    train(small_cfg(run, shards_dir, **{"run.max_steps": 5, "run.ckpt_every": 1, "run.keep_last": 2}), progress=False)
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_000004", "step_000005"]
+
+
+def test_training_state_loads_with_weights_only(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    train(small_cfg(run, shards_dir, **{"run.max_steps": 3}), progress=False)
+    state = torch.load(ckpt.latest_checkpoint(run) / "state.pt", weights_only=True)
+    assert state["step"] == 3 and {"optimizer", "rng", "loader", "scaler", "lr_scale"} <= set(state)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, shards_dir, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(small_cfg(run, shards_dir, **{"run.ckpt_every": 2}), progress=False)
+    real_forward = trainer.model.forward
+
+    def forward(idx, targets=None, **kw):
+        logits, loss = real_forward(idx, targets, **kw)
+        if trainer.step == 3:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(GPTForgeError, match=r"loss is nan at step 3"):
+        trainer.run()
+    ckpts = ckpt.list_checkpoints(run)
+    assert [s for s, _ in ckpts] == [2]
+    assert torch.load(ckpts[0][1] / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_with_other_architecture_is_refused(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    train(small_cfg(run, shards_dir, **{"run.max_steps": 3}), progress=False)
+    with pytest.raises(GPTForgeError, match="architecture"):
+        train(small_cfg(run, shards_dir, **{"model.n_embd": 128}), resume="auto", progress=False)
+
+
+def test_default_tiny_config_runs_a_few_steps(tmp_path, shards_dir):
+    cfg = C.resolve(Path(__file__).parent.parent / "configs" / "tiny.toml", [
+        ("data.dir", str(shards_dir)), ("run.dir", str(tmp_path / "run")), ("run.max_steps", "2"),
+        ("optim.batch_tokens", "1024"), ("optim.micro_batch_size", "2"), ("data.seq_len", "128"),
+        ("run.eval_tokens", "512"), ("run.sample_tokens", "4"), ("run.peak_tflops", "1")])
+    res = train(cfg, progress=False)
+    assert res.step == 2 and all(math.isfinite(v) for v in res.losses.values())
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_cli_train_then_resume_extends_the_run(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    flags = ["--model.preset", "nano", "--data.dir", str(shards_dir), "--data.seq_len=32", "--optim.batch_tokens", "128",
+             "--optim.micro_batch_size", "4", "--run.dir", str(run), "--run.max_steps", "2", "--run.device", "cpu",
+             "--run.sample_tokens", "4", "--run.eval_tokens", "256", "--run.peak_tflops", "1"]
+    p = run_cli("train", *flags)
+    assert p.returncode == 0, p.stderr
+    assert "--- sample ---" in p.stdout and "final val loss" in p.stdout
+    p = run_cli("train", "--resume", "auto", "--run.dir", str(run), "--run.max_steps", "4")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stdout and "step_000002" in p.stdout
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    p = run_cli("train", "--optim.learning_rate", "1")
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "unknown key 'optim.learning_rate'" in p.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nbatch_tokens = 1000\nmicro_batch_size = 3\n[run]\ndevice = 'cpu'\n")
+    p = run_cli("train", "--config", str(bad), "--data.dir", str(tmp_path))
+    assert p.returncode == 1 and "must be a multiple of" in p.stderr
