@@ -101,6 +101,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
         self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
+        self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision)
@@ -218,7 +219,11 @@ class Trainer:
     def hellaswag(self) -> None:
         from gptforge.eval.hellaswag import evaluate_hellaswag
 
-        out = evaluate_hellaswag(self.model, self.cfg.run.hellaswag_path, self.rt)
+        if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
+            from gptforge.eval.hellaswag import download_hellaswag
+
+            self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
+        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt)
         self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
                          "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
         self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")

@@ -1,0 +1,148 @@
+"""`gptforge eval CKPT`: validation loss / perplexity over a prepared split, and HellaSwag.
+
+CKPT is a checkpoint directory (model.safetensors + config.json) or a run directory, whose
+newest complete checkpoints/step_* is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from gptforge.errors import GPTForgeError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as is; for a run directory, its newest complete checkpoint."""
+    from gptforge.checkpoint import is_model_dir
+
+    path = Path(path)
+    if is_model_dir(path):
+        return path
+    if not path.is_dir():
+        raise GPTForgeError(f"{path}: no such checkpoint or run directory")
+    ckpts = path / "checkpoints"
+    steps = []
+    if ckpts.is_dir():
+        for d in ckpts.iterdir():
+            m = STEP_DIR.match(d.name)
+            if m and is_model_dir(d):  # an interrupted save lacks a file: skip it
+                steps.append((int(m.group(1)), d))
+    if not steps:
+        raise GPTForgeError(
+            f"{path}: neither a checkpoint (model.safetensors + config.json) nor a run directory "
+            f"with a complete checkpoints/step_* inside"
+        )
+    return max(steps)[1]
+
+
+def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device, vocab_size: int):
+    """The validation loader: one sequential pass. (A function so that tests can replace it.)"""
+    from gptforge.data.loader import ShardLoader
+
+    return ShardLoader(
+        data_dir, split=split, batch_size=batch_size, seq_len=seq_len, order="sequential", seed=0,
+        rank=0, world_size=1, device=device, prefetch=0, vocab_size=vocab_size,
+    )
+
+
+def evaluate(
+    ckpt: str | Path,
+    data: str | None = None,
+    split: str = "val",
+    max_tokens: int = 0,
+    batch_size: int = 8,
+    seq_len: int = 0,
+    hellaswag: str | None = None,
+    max_examples: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+    report=print,
+) -> dict:
+    """Evaluate a checkpoint; returns {"checkpoint", "val": {...} or None, "hellaswag": {...} or None}.
+    hellaswag: a jsonl path, "" to download the official validation file, None to skip."""
+    if not data and hellaswag is None:
+        raise GPTForgeError("nothing to evaluate: pass --data DIR (loss/perplexity of a split) and/or --hellaswag [PATH]")
+    problems = []
+    if batch_size <= 0:
+        problems.append(f"--batch-size must be > 0, got {batch_size}")
+    if seq_len < 0:
+        problems.append(f"--seq-len must be >= 0 (0 = the model's block_size), got {seq_len}")
+    if max_tokens < 0:
+        problems.append(f"--max-tokens must be >= 0 (0 = the whole split), got {max_tokens}")
+    if max_examples is not None and max_examples <= 0:
+        problems.append(f"--max-examples must be > 0, got {max_examples}")
+    if problems:
+        raise GPTForgeError("; ".join(problems))
+
+    from gptforge.checkpoint import load_model
+    from gptforge.device import Runtime
+
+    ckpt_dir = resolve_checkpoint(ckpt)
+    runtime = Runtime.make(device, precision)
+    model = load_model(ckpt_dir).to(runtime.device)
+    cfg = model.config
+    T = seq_len or cfg.block_size
+    if T > cfg.block_size:
+        raise GPTForgeError(f"--seq-len {T} exceeds the model's block_size {cfg.block_size}")
+    report(
+        f"checkpoint {ckpt_dir}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+        f"block_size {cfg.block_size}; {runtime.device} {runtime.precision}"
+    )
+    result: dict = {"checkpoint": str(ckpt_dir), "val": None, "hellaswag": None}
+
+    if data:
+        from gptforge.eval.perplexity import evaluate_loss
+
+        loader = make_loader(data, split, batch_size, T, runtime.device, cfg.vocab_size)
+        val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress)
+        result["val"] = val
+        report(f"{split} loss {val['loss']:.4f}  perplexity {val['ppl']:.2f}  ({val['tokens']:,} tokens)")
+
+    if hellaswag is not None:
+        from gptforge.eval.hellaswag import N_VAL, download_hellaswag, evaluate_hellaswag, format_reference
+
+        path = Path(hellaswag) if hellaswag else download_hellaswag()
+        hs = evaluate_hellaswag(model, path, runtime, max_examples=max_examples, progress=progress)
+        result["hellaswag"] = hs
+        partial = "" if hs["n"] >= N_VAL else f" (a subset: scores on {hs['n']} examples are noisy)"
+        report(f"hellaswag acc {hs['acc']:.4f}  acc_norm {hs['acc_norm']:.4f}  on {hs['n']} examples{partial}")
+        report(f"  {format_reference()}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gptforge eval",
+        description="Validation loss / perplexity over a prepared split, and HellaSwag accuracy.",
+    )
+    p.add_argument("ckpt", help="checkpoint directory, or a run directory (its newest complete checkpoint)")
+    p.add_argument("--data", help="directory of prepared shards (loss / perplexity of --split)")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens only (default 0: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default 0: the model's block_size)")
+    p.add_argument(
+        "--hellaswag", nargs="?", const="", default=None, metavar="PATH",
+        help="HellaSwag accuracy on PATH (hellaswag_val.jsonl); without PATH, download it into the cache",
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="HellaSwag: the first N examples only")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
+                   help="default auto: bf16 where the GPU/CPU does it natively, else fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    evaluate(
+        args.ckpt, data=args.data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        seq_len=args.seq_len, hellaswag=args.hellaswag, max_examples=args.max_examples, device=args.device,
+        precision=args.precision, progress=not args.no_progress,
+    )
+    return 0

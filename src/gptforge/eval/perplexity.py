@@ -1,0 +1,115 @@
+"""Loss and perplexity of a model over a data split, optionally capped at the first N tokens.
+
+Every target token counts once: the result is the mean cross-entropy over all scored tokens
+(not a mean of per-batch means), so it does not depend on the batch size or on how the split was
+cut into batches. Under torch.distributed each rank scores its own share of the windows and the
+sums are all-reduced, so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from gptforge.errors import GPTForgeError
+
+IGNORE_INDEX = -1  # targets equal to this are not scored (the model's convention too)
+
+
+def _dist():
+    """(rank, world_size) of an initialized process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def token_losses(model, x: torch.Tensor, y: torch.Tensor, runtime) -> torch.Tensor:
+    """Per-token cross-entropy (B, T) in fp32; the forward runs under the runtime's autocast."""
+    with runtime.autocast():
+        logits, _ = model(x)  # (B, T, V)
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(y.shape)  # (B, T); 0 where ignored
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = False) -> dict:
+    """Mean next-token loss and perplexity over one pass of `loader` (only its first `max_tokens`
+    targets when > 0, counted over all ranks: each rank takes ceil(max_tokens / world_size)).
+
+    `loader` is a ShardLoader-like object: `iter_epoch(max_batches=None)` yields (x, y) int64
+    (B, T) batches. The model is put in eval mode and given back in the mode it came in.
+    Returns {"loss": float, "ppl": float, "tokens": int}.
+    """
+    if max_tokens < 0:
+        raise GPTForgeError(f"max_tokens must be >= 0 (0 = the whole split), got {max_tokens}")
+    rank, world = _dist()
+    # this rank's share of the budget; ranks may score a few tokens more or less than each other
+    budget = math.ceil(max_tokens / world) if max_tokens else 0
+    max_batches = None
+    B, T = getattr(loader, "batch_size", None), getattr(loader, "seq_len", None)
+    if budget and isinstance(B, int) and isinstance(T, int) and B * T > 0:
+        max_batches = math.ceil(budget / (B * T))  # so the loader reads (and prefetches) no more
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+
+    was_training = model.training
+    model.eval()
+    # running sums stay on the device: no host sync per batch (the budget is counted on the host
+    # in target positions, which equal scored tokens unless targets carry the ignore index)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    n_scored = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    positions = 0
+    try:
+        for x, y in loader.iter_epoch(max_batches=max_batches):
+            x = x.to(runtime.device, non_blocking=True)
+            y = y.to(runtime.device, non_blocking=True)
+            losses = token_losses(model, x, y, runtime).reshape(-1)  # (B*T,)
+            scored = y.reshape(-1) != IGNORE_INDEX  # (B*T,)
+            if budget and positions + scored.numel() > budget:
+                scored[budget - positions :] = False  # the first `budget` targets, in reading order
+            loss_sum += (losses.double() * scored).sum()
+            n_scored += scored.sum()
+            positions += scored.numel()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum.item() / max(int(n_scored), 1):.4f}", refresh=False)
+            if budget and positions >= budget:
+                break
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    total_loss, total_tokens = loss_sum.item(), float(n_scored.item())
+    if world > 1:
+        total_loss, total_tokens = _all_reduce_sum([total_loss, total_tokens], runtime.device)
+    if total_tokens == 0:
+        raise GPTForgeError("the evaluation split yielded no tokens (is the split empty or shorter than one sequence?)")
+    loss = total_loss / total_tokens
+    return {"loss": loss, "ppl": perplexity(loss), "tokens": int(total_tokens)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf instead of an OverflowError for a diverged model."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
