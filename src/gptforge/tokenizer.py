@@ -63,11 +63,14 @@ def _cached_tiktoken_encoding() -> tiktoken.Encoding | None:
     """tiktoken's own gpt2 encoding, but only if its files are already cached (no download)."""
     from tiktoken.load import read_file_cached  # noqa: F401  (ensures the cache API exists)
 
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    # the same precedence as tiktoken.load.read_file_cached; "" means caching is off there
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
     if cache_dir is None:
         import tempfile
 
         cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:  # tiktoken would download: use the local files
+        return None
     keys = [hashlib.sha1((_URL + n).encode()).hexdigest() for n in ("vocab.bpe", "encoder.json")]
     if not all(os.path.exists(os.path.join(cache_dir, k)) for k in keys):
         return None

@@ -1,0 +1,232 @@
+"""The GPT-2 model: parity with transformers, attention variants, causality, tying, sizes, loss at
+init, padded vocabulary, KV-cache decoding, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from gptforge.checkpoint import load_model, save_model
+from gptforge.errors import GPTForgeError
+from gptforge.generate import generate
+from gptforge.hf import export_hf, load_pretrained
+from gptforge.model import GPT, GPTConfig, KVCache, preset
+
+TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Weights far from init (LayerNorm gains around 1) so logits are spread and differences show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if gain else 0.0))
+    return model.eval()
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    return randomize(GPT(GPTConfig(**{**TINY, **overrides})), seed)
+
+
+def tokens(n: int, batch: int = 2, seed: int = 0, vocab: int = 50257) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# --- parity with transformers ---------------------------------------------------------------
+
+
+def hf_model(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_positions=kw.get("block_size", 32), n_embd=32, n_layer=2, n_head=4, vocab_size=50257,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return randomize(transformers.GPT2LMHeadModel(cfg), seed=1)
+
+
+@pytest.mark.parametrize("attention", ["flash", "manual"])
+def test_parity_hf_to_gptforge(tmp_path, attention):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf", attention=attention)
+    x = tokens(32)
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)[0]).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_parity_gptforge_to_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny()
+    export_hf(ours, tmp_path / "out")
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = tokens(32)
+    with torch.no_grad():
+        diff = (hf.eval()(x).logits - ours(x)[0]).abs().max().item()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [dict(pad_vocab=True), dict(bias=False)])
+def test_export_parity_of_variants(tmp_path, variant):
+    """A padded vocabulary is exported unpadded; a model without biases as zero biases."""
+    transformers = pytest.importorskip("transformers")
+    ours = tiny(**variant)
+    export_hf(ours, tmp_path / "out")
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.transformer.wte.weight.shape == (50257, 32)
+    x = tokens(16)
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - ours(x)[0]).abs().max().item() <= 1e-4
+
+
+# --- the architecture -------------------------------------------------------------------------
+
+
+def test_flash_equals_manual():
+    flash = tiny(attention="flash")
+    manual = GPT(GPTConfig(**TINY, attention="manual")).eval()
+    manual.load_state_dict(flash.state_dict())
+    x = tokens(32)
+    with torch.no_grad():
+        torch.testing.assert_close(flash(x)[0], manual(x)[0], atol=1e-5, rtol=1e-5)
+        # and a chunk after a cached prefix (the explicit-mask path of flash attention)
+        for model in (flash, manual):
+            cache = KVCache(model.config, 2)
+            first, _ = model(x[:, :20], kv_cache=cache)
+            rest, _ = model(x[:, 20:], kv_cache=cache)
+            torch.testing.assert_close(torch.cat([first, rest], 1), flash(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["flash", "manual"])
+def test_causality(attention):
+    model = tiny(attention=attention)
+    x = tokens(32, batch=1)
+    with torch.no_grad():
+        base, _ = model(x)
+        for t in (0, 10, 30):
+            y = x.clone()
+            y[0, t + 1] = (y[0, t + 1] + 1) % 50257
+            changed, _ = model(y)
+            torch.testing.assert_close(changed[:, : t + 1], base[:, : t + 1], atol=0, rtol=0)
+            assert not torch.allclose(changed[:, t + 1], base[:, t + 1])
+
+
+def test_tied_weights_share_storage(tmp_path):
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    save_model(model, tmp_path / "ck")
+    for loaded in (load_model(tmp_path / "ck"), load_pretrained(tmp_path / "ck")):
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+        torch.testing.assert_close(loaded.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_gpt2_preset_parameter_count():
+    with torch.device("meta"):  # no memory, no init
+        model = GPT(preset("gpt2"))
+    assert model.num_params() == 124_439_808
+
+
+def test_loss_at_init_is_uniform():
+    torch.manual_seed(0)
+    model = GPT(preset("nano"))
+    x, y = tokens(64, batch=4, seed=1), tokens(64, batch=4, seed=2)
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    assert logits.shape == (4, 64, 50257)
+    assert abs(loss.item() - math.log(50257)) < 0.5
+
+
+def test_padded_vocab_same_loss_and_never_sampled():
+    plain = tiny()
+    padded = GPT(GPTConfig(**TINY, pad_vocab=True)).eval()
+    assert padded.transformer.wte.weight.shape[0] == 50304
+    with torch.no_grad():
+        state = plain.state_dict()
+        wte = padded.transformer.wte.weight
+        wte[:50257] = state["transformer.wte.weight"]
+        wte[50257:] = 50.0  # padded rows that would win every argmax if they were not sliced off
+        padded.load_state_dict({k: v for k, v in state.items() if "wte" not in k and "lm_head" not in k}, strict=False)
+        x, y = tokens(32, seed=3), tokens(32, seed=4)
+        y[0, :5] = -1  # ignore_index
+        lp, loss_plain = plain(x, y)
+        lq, loss_padded = padded(x, y)
+    assert lq.shape[-1] == 50257
+    torch.testing.assert_close(loss_padded, loss_plain)
+    torch.testing.assert_close(lq, lp)
+    out = generate(padded, [1, 2, 3], 25, temperature=2.0, seed=0, stop_at_eot=False)
+    assert len(out) == 25 and max(out) < 50257
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["flash", "manual"])
+def test_kv_cache_greedy_equals_uncached(attention):
+    model = randomize(GPT(preset("nano", attention=attention)))
+    prompt = tokens(8, batch=1)[0].tolist()
+    cached = generate(model, prompt, 50, temperature=0, use_cache=True, stop_at_eot=False)
+    uncached = generate(model, prompt, 50, temperature=0, use_cache=False, stop_at_eot=False)
+    assert len(cached) == 50
+    assert cached == uncached
+
+
+def test_seeded_sampling_is_deterministic():
+    model = randomize(GPT(preset("nano")))
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, stop_at_eot=False)
+    a = generate(model, [464], 30, seed=123, **kw)
+    b = generate(model, [464], 30, seed=123, **kw)
+    c = generate(model, [464], 30, seed=124, **kw)
+    d = generate(model, [464], 30, seed=123, use_cache=False, **kw)
+    assert a == b == d
+    assert a != c
+
+
+def test_context_overflow_is_cropped_not_an_error():
+    model = randomize(GPT(preset("nano")))  # block_size 64
+    long_prompt = tokens(100, batch=1)[0].tolist()
+    cached = generate(model, long_prompt, 40, temperature=0, stop_at_eot=False)
+    uncached = generate(model, long_prompt, 40, temperature=0, use_cache=False, stop_at_eot=False)
+    assert len(cached) == 40 and cached == uncached
+    near_full = long_prompt[:60]  # crosses block_size mid-generation: the cache is rebuilt
+    assert generate(model, near_full, 20, temperature=0, stop_at_eot=False) == generate(
+        model, near_full, 20, temperature=0, use_cache=False, stop_at_eot=False
+    )
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_preset():
+    with pytest.raises(GPTForgeError, match=r"unknown model preset 'gpt3'.*nano"):
+        preset("gpt3")
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(GPTForgeError, match=r"n_embd \(50\) must be divisible by model.n_head \(4\)"):
+        GPTConfig(n_embd=50, n_head=4).validate()
+
+
+def test_mismatched_checkpoint_shapes(tmp_path):
+    save_model(GPT(preset("nano")), tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["model"]["n_embd"] = 32  # the weights say 64
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    for load in (load_model, load_pretrained):
+        with pytest.raises(GPTForgeError, match=r"tensor transformer\.\S+ has shape \(\d+, 64\).*expects \(\d+, 32\)"):
+            load(tmp_path / "ck")
+
+
+def test_over_long_sequence():
+    model = GPT(preset("nano"))
+    with pytest.raises(ValueError, match="length 65 exceeds the model's block_size 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
