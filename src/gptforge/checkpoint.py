@@ -8,6 +8,7 @@ LM head is stored once, as `transformer.wte.weight`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,32 @@ def load_model(directory: str | Path, **config_overrides) -> GPT:
 def is_model_dir(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / WEIGHTS).is_file() and (d / CONFIG).is_file()
+
+
+def newest_model_dir(run_dir: str | Path) -> Path | None:
+    """The newest RUN_DIR/checkpoints/step_N (by step number) that holds a complete model."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return None
+    steps = []
+    for d in ckpts.iterdir():
+        m = re.fullmatch(r"step_(\d+)", d.name)
+        if m and is_model_dir(d):  # an interrupted save never has the final name
+            steps.append((int(m.group(1)), d))
+    return max(steps)[1] if steps else None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory as is; a run directory -> its newest complete checkpoint."""
+    path = Path(path)
+    if is_model_dir(path):
+        return path
+    if not path.is_dir():
+        raise GPTForgeError(f"{path}: no such checkpoint or run directory")
+    newest = newest_model_dir(path)
+    if newest is None:
+        raise GPTForgeError(
+            f"{path}: neither a checkpoint ({WEIGHTS} + {CONFIG}) nor a run directory "
+            f"with a complete checkpoints/step_* inside"
+        )
+    return newest

@@ -44,16 +44,8 @@ def resolve_source(source: str | os.PathLike) -> Path:
     """A directory holding a model. A run directory (with `checkpoints/step_*`) resolves to its
     newest complete checkpoint, by step number."""
     path = Path(source)
-    ckpts = path / "checkpoints"
-    if ckpts.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
-        steps = []
-        for d in ckpts.glob("step_*"):
-            m = re.fullmatch(r"step_(\d+)", d.name)
-            if m and checkpoint.is_model_dir(d):
-                steps.append((int(m.group(1)), d))
-        if not steps:
-            raise GPTForgeError(f"{path}: a run directory without a complete checkpoint in {ckpts}/step_*")
-        return max(steps)[1]
+    if (path / "checkpoints").is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        return checkpoint.resolve_model_dir(path)
     return path
 
 

@@ -7,36 +7,15 @@ newest complete checkpoints/step_* is used.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from gptforge.errors import GPTForgeError
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as is; for a run directory, its newest complete checkpoint."""
-    from gptforge.checkpoint import is_model_dir
+    from gptforge.checkpoint import resolve_model_dir
 
-    path = Path(path)
-    if is_model_dir(path):
-        return path
-    if not path.is_dir():
-        raise GPTForgeError(f"{path}: no such checkpoint or run directory")
-    ckpts = path / "checkpoints"
-    steps = []
-    if ckpts.is_dir():
-        for d in ckpts.iterdir():
-            m = STEP_DIR.match(d.name)
-            if m and is_model_dir(d):  # an interrupted save lacks a file: skip it
-                steps.append((int(m.group(1)), d))
-    if not steps:
-        raise GPTForgeError(
-            f"{path}: neither a checkpoint (model.safetensors + config.json) nor a run directory "
-            f"with a complete checkpoints/step_* inside"
-        )
-    return max(steps)[1]
+    return resolve_model_dir(path)
 
 
 def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device, vocab_size: int):
