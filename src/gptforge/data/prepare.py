@@ -1,0 +1,564 @@
+"""Documents -> GPT-2 tokens in many processes -> fixed-size shards; resumable after kill -9.
+
+Two stages, each made of atomically written files, so an interrupted run is continued by running
+the same command again and ends byte-identical to an uninterrupted one:
+
+1. tokenize: documents (sources.py) go in chunks to `workers` processes (ordered, a bounded number
+   in flight), each document as [EOT] + encode_ordinary(text). The token stream is cut at document
+   boundaries into parts `.parts/part_{i:06d}.npy` of about min(shard_tokens, 16M) tokens. On a
+   re-run, finished parts are kept and their documents (counted by their EOT tokens) are read
+   but not tokenized again. When all parts exist, `.parts/layout.json` records their sizes, the
+   validation boundary and the source statistics.
+2. cut: the stream is split into val = the first documents, train = the rest, and each split into
+   `{split}_{index:06d}.npy` shards of `shard_tokens` tokens (the last one shorter), copied from the
+   parts (a part is deleted once every shard that needs it exists). Shards already present are
+   only hashed. manifest.json is written last; then the parts are removed.
+
+The validation rule: `val_tokens` given -> val is the smallest prefix of whole documents with at
+least that many tokens (an error if it would leave train empty). Default -> the target is 0.5% of
+all tokens, capped at 10M tokens (`default_val_tokens`), taken the same way, but never every
+document: with a single document, val is empty.
+
+The options that shape the output (sources, the fingerprint of the input files, text field, split,
+strict, shard size, val tokens, tokenizer) are saved before any work; re-running with others into
+the same directory is an error unless `overwrite`. `workers` never changes the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from gptforge import tokenizer
+from gptforge.data import shards
+from gptforge.data import sources as _src
+from gptforge.errors import GPTForgeError
+from gptforge.fsutil import remove_stale_tmp
+
+DEFAULT_SHARD_TOKENS = 100_000_000
+VAL_FRACTION = 0.005  # default validation split: 0.5% of all tokens ...
+VAL_CAP = 10_000_000  # ... but at most 10M tokens
+VAL_RULE = "first whole documents until >= min(10M, ceil(0.5% of all tokens)), never every document"
+MAX_PART_TOKENS = 1 << 24
+CHUNK_CHARS = 1 << 19  # text per worker task: big enough to amortize IPC, small enough to balance
+IN_FLIGHT_PER_WORKER = 4
+STATE = ".prepare-state.json"
+PARTS = ".parts"
+LAYOUT = "layout.json"
+LOCK = ".lock"
+
+
+class OptionsMismatch(GPTForgeError):
+    """The output directory holds data prepared (or being prepared) with other options."""
+
+
+class _KeepState(GPTForgeError):
+    """An error after which the unfinished work is kept for a re-run (not an input problem)."""
+
+
+def default_cache_dir() -> Path:
+    """$GPTFORGE_CACHE, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge."""
+    if os.environ.get("GPTFORGE_CACHE"):
+        return Path(os.environ["GPTFORGE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "gptforge"
+    return Path.home() / ".cache" / "gptforge"
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_val_tokens(total_tokens: int) -> int:
+    return min(VAL_CAP, math.ceil(total_tokens * VAL_FRACTION))
+
+
+def ensure_default_corpus(workers: int | None = None, progress: bool = True) -> Path:
+    """Prepare `python-stdlib` into <cache>/data/python-stdlib unless already complete; return it."""
+    out = default_cache_dir() / "data" / _src.STDLIB
+    try:
+        prepare([_src.STDLIB], out, workers=workers, progress=progress)
+    except OptionsMismatch:  # another Python (another stdlib) prepared it: redo it for this one
+        prepare([_src.STDLIB], out, workers=workers, progress=progress, overwrite=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization (runs in the worker processes, or inline with workers=1)
+
+_DTYPE = shards.token_dtype(tokenizer.N_VOCAB)
+_EOT = np.array([tokenizer.EOT_ID], dtype=np.uint32)
+
+
+def _encode(enc, text: str) -> np.ndarray:
+    # encode with no allowed and no disallowed specials is encode_ordinary (tiktoken's contract),
+    # and encode_to_numpy skips building a Python list of ints
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except (AttributeError, UnicodeEncodeError):  # older tiktoken; lone surrogates
+        return np.asarray(enc.encode_ordinary(text), dtype=np.uint32)
+
+
+def encode_documents(texts: list[str]) -> np.ndarray:
+    """[EOT] + tokens of each text, concatenated, in the shard dtype."""
+    enc = tokenizer.get_encoding()
+    pieces = []
+    for text in texts:
+        pieces.append(_EOT)
+        pieces.append(_encode(enc, text))
+    return np.concatenate(pieces).astype(_DTYPE) if pieces else np.empty(0, _DTYPE)
+
+
+def _watch_parent(parent: int) -> None:
+    while True:  # a worker must not outlive a parent killed with -9
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    tokenizer.get_encoding()
+
+
+def _bar_interval() -> float:
+    return 0.2 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s, not 5 a second
+
+
+def _chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """The tokenizer processes (None for workers=1: tokenize inline).
+
+    fork while this process runs no other Python thread (fast, and works from any script, even one
+    without an `if __name__ == "__main__"` guard); spawn otherwise, since forking a threaded
+    process can hand the children a lock held by another thread.
+    """
+    if workers == 1:
+        yield None
+        return
+    from tqdm._monitor import TMonitor  # tqdm's idle monitor thread never holds a lock a child needs
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not isinstance(t, TMonitor)]
+    method = "fork" if "fork" in mp.get_all_start_methods() and not others else "spawn"
+    ctx = mp.get_context(method)
+    if method == "fork":
+        tokenizer.get_encoding()  # built once here, shared with the children
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as ex:
+        if method == "fork":
+            ex.submit(int).result()  # fork every worker now, before any thread of ours starts
+        yield ex
+
+
+def _encode_stream(chunks: Iterable[list[str]], pool, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens, number of documents) per chunk, in input order, tokenized by the pool's processes.
+
+    At most IN_FLIGHT_PER_WORKER * workers chunks are submitted ahead: memory stays bounded however
+    large the corpus (Pool.imap would read the whole input ahead).
+    """
+    if pool is None:
+        for chunk in chunks:
+            yield encode_documents(chunk), len(chunk)
+        return
+    pending: deque = deque()
+    try:
+        for chunk in chunks:
+            pending.append((pool.submit(encode_documents, chunk), len(chunk)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                fut, n = pending.popleft()
+                yield fut.result(), n
+        while pending:
+            fut, n = pending.popleft()
+            yield fut.result(), n
+    except BrokenProcessPool as e:
+        raise _KeepState(
+            "a tokenizer worker process died (out of memory? or, if called from a script, is its main code "
+            "under `if __name__ == '__main__':`?); run the same command again to resume"
+        ) from e
+    finally:
+        for fut, _ in pending:
+            fut.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# the output directory: options, lock, state
+
+
+def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, split, strict) -> dict:
+    return {
+        "sources": [s.spec for s in srcs],
+        "inputs_sha256": _src.fingerprint(srcs),
+        "text_field": text_field,
+        "split": split,
+        "strict": strict,
+        "shard_tokens": shard_tokens,
+        "val_tokens": "auto" if val_tokens is None else val_tokens,
+        "tokenizer": tokenizer.NAME,
+        "vocab_size": tokenizer.N_VOCAB,
+    }
+
+
+def _diff(old: dict, new: dict) -> str:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "inputs_sha256":
+            out.append("the input files changed (size or modification time)")
+        else:
+            ra, rb = repr(a), repr(b)
+            out.append(f"{key} {ra[:60]} -> {rb[:60]}")
+    return ", ".join(out) or "unknown differences"
+
+
+@contextlib.contextmanager
+def _locked(out: Path, progress: bool):
+    """One preparation per directory at a time (e.g. every torchrun rank calling ensure_default_corpus)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"gptforge: waiting for another process preparing {out}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GPTForgeError(f"{path}: unreadable ({e}); pass --overwrite to prepare again") from e
+
+
+def _clear(out: Path) -> None:
+    """Remove everything prepare writes in `out` (and nothing else)."""
+    for p in shards.listed_files(out):
+        p.unlink()
+    for name in (shards.MANIFEST, STATE):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    remove_stale_tmp(out)
+
+
+def _finished(out: Path, options: dict, overwrite: bool) -> dict | None:
+    """The manifest if `out` already holds this exact preparation; None to (re)start work."""
+    if overwrite:
+        _clear(out)
+        return None
+    if (out / shards.MANIFEST).exists():
+        manifest = _read_json(out / shards.MANIFEST)
+        old = manifest.get("options") if isinstance(manifest, dict) else None
+        if old != options:
+            raise OptionsMismatch(
+                f"{out}: already holds shards prepared with other options ({_diff(old or {}, options)}); "
+                "pass --overwrite to replace them"
+            )
+        manifest = shards.read_manifest(out)
+        for split in manifest["splits"]:
+            shards.open_split(out, split, manifest)  # cheap checks: a damaged result is not "done"
+        shutil.rmtree(out / PARTS, ignore_errors=True)  # killed after the manifest, before cleanup
+        with contextlib.suppress(FileNotFoundError):
+            (out / STATE).unlink()
+        return manifest
+    if (out / STATE).exists():
+        state = _read_json(out / STATE)
+        old = state.get("options") if isinstance(state, dict) else None
+        if old != options:
+            raise OptionsMismatch(
+                f"{out}: holds an unfinished preparation with other options ({_diff(old or {}, options)}); "
+                "re-run that command to finish it, or pass --overwrite"
+            )
+        return None
+    if shards.listed_files(out):
+        raise GPTForgeError(f"{out}: holds shard files but no {shards.MANIFEST}; pass --overwrite to replace them")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: documents -> parts
+
+
+def _part_path(parts: Path, i: int) -> Path:
+    return parts / f"part_{i:06d}.npy"
+
+
+def _count_eot(arr: np.ndarray, block: int = 1 << 24) -> int:
+    return sum(int(np.count_nonzero(arr[i : i + block] == tokenizer.EOT_ID)) for i in range(0, arr.shape[0], block))
+
+
+def _load_part(parts: Path, i: int) -> np.ndarray:
+    path = _part_path(parts, i)
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise GPTForgeError(f"{path}: unfinished preparation is damaged ({e}); pass --overwrite to start again") from e
+
+
+def _tokenize(srcs, parts: Path, options: dict, workers: int, progress: bool) -> dict:
+    parts.mkdir(exist_ok=True)
+    part_tokens = min(options["shard_tokens"], MAX_PART_TOKENS)
+    sizes: list[int] = []
+    done_docs = 0
+    while _part_path(parts, len(sizes)).exists():  # parts are written in order, each atomically
+        arr = _load_part(parts, len(sizes))
+        sizes.append(int(arr.shape[0]))
+        done_docs += _count_eot(arr)
+        del arr
+    stats = _src.SourceStats()
+    docs = _src.iter_documents(
+        srcs, text_field=options["text_field"], split=options["split"], strict=options["strict"], stats=stats,
+        warn=lambda msg: tqdm.write(f"gptforge: warning: {msg}", file=sys.stderr),  # not through the bar
+    )
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(_worker_pool(workers))  # before the bar: tqdm starts a thread
+        bar = stack.enter_context(
+            tqdm(desc="tokenizing", unit=" docs", initial=done_docs, disable=not progress, mininterval=_bar_interval())
+        )
+        for _ in range(done_docs):  # documents of finished parts: read again, not tokenized again
+            if next(docs, None) is None:
+                raise GPTForgeError(
+                    f"the sources now hold fewer documents than the unfinished preparation in {parts.parent} "
+                    "already tokenized; pass --overwrite to start again"
+                )
+        buffer: list[np.ndarray] = []
+        buffered = tokens = 0
+        t0 = last = time.perf_counter()
+        for arr, ndocs in _encode_stream(_chunks(docs), pool, workers):
+            buffer.append(arr)
+            buffered += arr.size
+            tokens += arr.size
+            while buffered >= part_tokens:  # cut at the first document start at/after part_tokens
+                cat = np.concatenate(buffer)
+                hits = np.flatnonzero(cat[part_tokens:] == tokenizer.EOT_ID)
+                cut = part_tokens + int(hits[0]) if hits.size else cat.size
+                shards.write_shard(_part_path(parts, len(sizes)), [cat[:cut]], cut, _DTYPE, tokenizer.EOT_ID)
+                sizes.append(cut)
+                buffer = [cat[cut:]] if cut < cat.size else []
+                buffered = cat.size - cut
+            bar.update(ndocs)
+            now = time.perf_counter()
+            if now - last > 0.5:
+                last = now
+                bar.set_postfix_str(f"{tokens / 1e6:.2f}M tokens, {tokens / (now - t0) / 1e6:.2f}M tok/s", refresh=False)
+        if buffered:
+            cat = np.concatenate(buffer)
+            shards.write_shard(_part_path(parts, len(sizes)), [cat], cat.size, _DTYPE, tokenizer.EOT_ID)
+            sizes.append(int(cat.size))
+        bar.set_postfix_str(f"{tokens / 1e6:.2f}M tokens, {tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s")
+    if stats.documents == 0:
+        skipped = f", {len(stats.skipped)} files skipped" if stats.skipped else ""
+        raise GPTForgeError(
+            f"no documents found in {', '.join(options['sources'])} ({stats.files_read} files read{skipped}, "
+            f"{stats.empty} empty documents)"
+        )
+    layout = {"parts": sizes, "stats": stats.to_dict()}
+    layout.update(_val_boundary(parts, sizes, options, stats.documents))
+    shards.write_json(parts / LAYOUT, layout)
+    return layout
+
+
+def _val_boundary(parts: Path, sizes: list[int], options: dict, n_docs: int) -> dict:
+    """Where val ends: the first document start at or after the target (see the module doc)."""
+    total = sum(sizes)
+    explicit = options["val_tokens"] != "auto"
+    target = options["val_tokens"] if explicit else default_val_tokens(total)
+    end, val_docs, offset, last_start = total, n_docs, 0, 0
+    if target <= 0:
+        end, val_docs = 0, 0
+    else:
+        docs_before = 0
+        for i, n in enumerate(sizes):
+            starts = np.flatnonzero(_load_part(parts, i) == tokenizer.EOT_ID) + offset
+            if starts.size:
+                last_start = int(starts[-1])
+            after = np.flatnonzero(starts >= target)
+            if after.size:
+                end, val_docs = int(starts[after[0]]), docs_before + int(after[0])
+                break
+            docs_before += starts.size
+            offset += n
+    if end == total and target > 0:
+        if explicit:
+            raise GPTForgeError(
+                f"--val-tokens {target} would put all {n_docs} documents ({total} tokens) in the validation "
+                "split; lower it or add data"
+            )
+        end, val_docs = last_start, n_docs - 1  # keep the last document for train
+    return {"val_end": end, "val_documents": val_docs, "val_target": target, "total_tokens": total, "documents": n_docs}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: parts -> shards
+
+
+def _blocks(parts: Path, starts: np.ndarray, sizes: list[int], a: int, b: int) -> Iterator[np.ndarray]:
+    """Tokens [a, b) of the stream, read from the parts in bounded blocks."""
+    i = int(np.searchsorted(starts, a, side="right")) - 1
+    pos = a
+    while pos < b:
+        arr = _load_part(parts, i)
+        lo, hi = pos - int(starts[i]), min(b, int(starts[i]) + sizes[i]) - int(starts[i])
+        for j in range(lo, hi, shards._BLOCK):
+            yield arr[j : min(hi, j + shards._BLOCK)]
+        pos += hi - lo
+        del arr
+        i += 1
+
+
+def _cut(out: Path, parts: Path, layout: dict, options: dict, progress: bool) -> dict:
+    sizes = layout["parts"]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    total, vb, n = int(starts[-1]), layout["val_end"], options["shard_tokens"]
+    plan = [
+        (split, i, s, min(hi, s + n))
+        for split, lo, hi in (("val", 0, vb), ("train", vb, total))
+        for i, s in enumerate(range(lo, hi, n))
+    ]
+    entries: dict[str, list[dict]] = {"val": [], "train": []}
+    bar = tqdm(total=total, desc="writing shards", unit=" tok", unit_scale=True, disable=not progress, mininterval=_bar_interval())
+    with bar:
+        for split, i, a, b in plan:
+            path = out / shards.shard_name(split, i)
+            if path.exists():  # written (atomically) before an interruption
+                entry = shards.shard_entry(path, tokenizer.EOT_ID)
+                if entry["num_tokens"] != b - a:
+                    raise GPTForgeError(f"{path}: {entry['num_tokens']} tokens, expected {b - a}; pass --overwrite to start again")
+            else:
+                entry = shards.write_shard(path, _blocks(parts, starts, sizes, a, b), b - a, _DTYPE, tokenizer.EOT_ID)
+            entries[split].append(entry)
+            bar.update(b - a)
+            for j in range(len(sizes)):  # parts every remaining shard lies beyond
+                if starts[j + 1] <= b:
+                    with contextlib.suppress(FileNotFoundError):
+                        _part_path(parts, j).unlink()
+    st = layout["stats"]
+    val_docs = layout["val_documents"]
+    return {
+        "format": shards.FORMAT,
+        "version": shards.VERSION,
+        "tokenizer": tokenizer.NAME,
+        "vocab_size": tokenizer.N_VOCAB,
+        "eot_id": tokenizer.EOT_ID,
+        "dtype": _DTYPE.name,
+        "shard_tokens": n,
+        "splits": {
+            "val": {"num_tokens": vb, "num_documents": val_docs, "shards": entries["val"]},
+            "train": {"num_tokens": total - vb, "num_documents": layout["documents"] - val_docs, "shards": entries["train"]},
+        },
+        "documents": {**st, "val": val_docs, "train": layout["documents"] - val_docs},
+        "val_rule": VAL_RULE if options["val_tokens"] == "auto" else "first whole documents until >= val_tokens",
+        "val_target": layout["val_target"],
+        "sources": options["sources"],
+        "options": options,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_args(srcs, shard_tokens, val_tokens, workers, text_field) -> None:
+    problems = []
+    if isinstance(srcs, (str, os.PathLike)):
+        problems.append("sources must be a list of source names, not one string")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        problems.append(f"--shard-tokens must be a positive integer, got {shard_tokens!r}")
+    if val_tokens is not None and (not isinstance(val_tokens, int) or val_tokens < 0):
+        problems.append(f"--val-tokens must be an integer >= 0, got {val_tokens!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        problems.append(f"--workers must be a positive integer, got {workers!r}")
+    if not text_field:
+        problems.append("--text-field must not be empty")
+    if problems:
+        raise GPTForgeError("; ".join(problems))
+
+
+def prepare(
+    sources: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_tokens: int | None = None,
+    workers: int | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `sources` into shards in `out_dir` and return the manifest (see the module doc).
+
+    Re-running after an interruption continues; re-running when done returns the manifest at once.
+    """
+    _check_args(sources, shard_tokens, val_tokens, workers, text_field)
+    srcs = _src.resolve_all(sources)
+    options = _options(srcs, shard_tokens=shard_tokens, val_tokens=val_tokens, text_field=text_field, split=split, strict=strict)
+    workers = workers or default_workers()
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPTForgeError(f"{out}: cannot create the output directory ({e.strerror})") from e
+    with _locked(out, progress):
+        manifest = _finished(out, options, overwrite)
+        if manifest is not None:
+            return manifest
+        parts = out / PARTS
+        remove_stale_tmp(out)
+        remove_stale_tmp(parts)
+        if not (out / STATE).exists():
+            shards.write_json(out / STATE, {"options": options})
+        if (parts / LAYOUT).exists():
+            layout = _read_json(parts / LAYOUT)
+        else:
+            try:
+                layout = _tokenize(srcs, parts, options, workers, progress)
+            except GPTForgeError as e:
+                if not isinstance(e, _KeepState):
+                    _clear(out)  # an input problem: the unfinished work cannot be resumed as is
+                raise
+        manifest = _cut(out, parts, layout, options, progress)
+        shards.write_manifest(out, manifest)
+        shutil.rmtree(parts, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (out / STATE).unlink()
+        return manifest
