@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except GPTForgeError as e:
         print(f"gptforge {name}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the machine failed us (a full disk, a permission): one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gptforge {name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"gptforge {name}: interrupted", file=sys.stderr)
         return 130

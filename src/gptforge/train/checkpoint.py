@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from gptforge.checkpoint import CONFIG, WEIGHTS, load_state_checked, read_config, write_model_files
 from gptforge.errors import GPTForgeError
@@ -87,6 +88,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """`auto` -> newest complete checkpoint of run_dir (None if there is none); a run dir -> its
     newest checkpoint; a checkpoint dir -> itself."""
     if resume == "auto":
+        finish_interrupted_swaps(checkpoints_dir(run_dir))
         return latest_checkpoint(run_dir)
     p = Path(resume)
     if (p / STATE).is_file():
@@ -111,27 +113,85 @@ def save_checkpoint(
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; then delete all but the newest keep_last."""
     ckdir = checkpoints_dir(run_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_swaps(ckdir)
     remove_stale_tmp(ckdir)
     final = ckdir / step_dir_name(step)
     extra = {"train": train_config, "step": step}
+    writing = [final]  # the file being written, for the error message
 
     def write(tmp: Path) -> None:
+        writing[0] = tmp / WEIGHTS
         write_model_files(tmp, model_state, model.config, extra)
-        torch.save(train_state, tmp / STATE)
+        writing[0] = tmp / STATE
+        _torch_save(train_state, tmp / STATE)
+        writing[0] = final  # what is left: fsync and rename
 
-    if not final.exists():
-        with atomic_dir(final) as tmp:
-            write(tmp)
-    else:  # a checkpoint of the same step exists (a rerun): stage the new one, then swap
-        new, old = ckdir / (TMP_PREFIX + final.name + ".new"), ckdir / (TMP_PREFIX + final.name + ".old")
-        with atomic_dir(new) as tmp:
-            write(tmp)
-        os.rename(final, old)
-        os.rename(new, final)
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if not final.exists():
+            with atomic_dir(final) as tmp:
+                write(tmp)
+        else:  # a checkpoint of the same step exists (a rerun): stage the new one, then swap
+            new, old = _swap_names(final)
+            with atomic_dir(new) as tmp:
+                write(tmp)
+            os.rename(final, old)  # a kill between these two renames is undone by finish_interrupted_swaps
+            os.rename(new, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, an I/O error: nothing is half-written
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        kept = latest_checkpoint(run_dir)
+        raise GPTForgeError(
+            f"saving checkpoint {final.name} failed: {writing[0].name}: {reason} (in {ckdir}); "
+            + (f"the previous checkpoint {kept.name} is intact" if kept else "no earlier checkpoint exists")
+        ) from e
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class _RecordingFile:
+    """torch.save's zip writer swallows the OSError of a failed write (it reports "unexpected
+    pos" instead); this file remembers it so the caller can say what happened (ENOSPC, EIO)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        out = _RecordingFile(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
+def _swap_names(final: Path) -> tuple[Path, Path]:
+    return final.with_name(TMP_PREFIX + final.name + ".new"), final.with_name(TMP_PREFIX + final.name + ".old")
+
+
+def finish_interrupted_swaps(ckdir: Path) -> None:
+    """A kill between the two renames of a same-step replacement leaves no step_N, only its complete
+    staged `.new` (and the `.old` it replaces): put one back under the final name."""
+    if not ckdir.is_dir():
+        return
+    for old in ckdir.glob(TMP_PREFIX + "step_*.old"):
+        final = ckdir / old.name[len(TMP_PREFIX) : -len(".old")]
+        new, _ = _swap_names(final)
+        if STEP_DIR.match(final.name) and not final.exists():
+            os.rename(new if new.is_dir() else old, final)
 
 
 def load_train_state(ckpt: Path) -> dict:
@@ -141,9 +201,24 @@ def load_train_state(ckpt: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GPTForgeError(f"{path}: refused or unreadable training state ({first[:200]})") from e
+    except pickle.UnpicklingError as e:  # the safe unpickler met something that is not data
+        raise GPTForgeError(
+            f"{path}: refused by the safe loader (weights_only=True): {_why(e)}; a training state holds only "
+            "tensors and plain containers, so this file is damaged or was tampered with"
+        ) from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise GPTForgeError(f"{path}: unreadable training state ({_why(e)})") from e
+
+
+def _why(e: Exception) -> str:
+    """The one sentence of torch.load's long, multi-line message that says what went wrong."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of it
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            text = line.split("WeightsUnpickler error:", 1)[1]
+            break
+    text = text.strip().split(". ")[0].strip().rstrip(".")
+    return text[:200] or type(e).__name__
 
 
 def load_checkpoint_model(ckpt: Path, model: GPT) -> None:
