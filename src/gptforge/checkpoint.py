@@ -34,7 +34,7 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
 def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None) -> None:
     """Write model.safetensors + config.json into an existing directory (callers make it atomic)."""
     directory = Path(directory)
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "gptforge": __version__})
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})  # one key: byte-reproducible
     meta = {"gptforge_version": __version__, "model": config.to_dict(), **(extra or {})}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

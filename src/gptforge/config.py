@@ -233,7 +233,12 @@ def resolve(config_file: str | Path | None = None, overrides: list[tuple[str, st
         apply_dict(cfg, load_toml(config_file), str(config_file))
     for key, value in overrides or []:
         set_value(cfg, key, value, f"--{key}")
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except GPTForgeError as e:
+        if config_file:  # name where the values came from
+            raise GPTForgeError(f"{config_file} (with command-line overrides): {e}") from None
+        raise
 
 
 def validate(cfg: TrainConfig) -> None:
