@@ -200,4 +200,4 @@ def test_sample_command_errors(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert cli.main(["sample", str(tmp_path / "run")]) == 1
-    assert "without a complete checkpoint" in capsys.readouterr().err
+    assert "nor a run directory with a complete checkpoints" in capsys.readouterr().err

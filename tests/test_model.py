@@ -230,3 +230,30 @@ def test_over_long_sequence():
     model = GPT(preset("nano"))
     with pytest.raises(ValueError, match="length 65 exceeds the model's block_size 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# --- the fused head + loss used for training (return_logits=False) --------------------------
+
+
+@pytest.mark.parametrize("precision,pad_vocab", [("fp32", False), ("fp32", True), ("bf16", True)])
+def test_fused_loss_equals_plain_loss_and_gradients(precision, pad_vocab):
+    """return_logits=False: the same loss and the same gradients as logits + F.cross_entropy
+    (ignored targets, padded vocabulary, bf16 autocast, a loss scaled as accumulation does)."""
+    model = tiny(pad_vocab=pad_vocab).train()
+    x, y = tokens(32, batch=3, seed=5), tokens(32, batch=3, seed=6)
+    y[0, :7] = -1
+    out = {}
+    for return_logits in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits, loss = model(x, y, return_logits=return_logits)
+        (loss / 2).backward()
+        out[return_logits] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert (logits is None) == (not return_logits)
+    (loss_a, grads_a), (loss_b, grads_b) = out[True], out[False]
+    tol = dict(rtol=2e-2, atol=1e-4) if precision == "bf16" else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_b, loss_a, **tol)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **tol, msg=name)
+    if pad_vocab:  # padded rows of the tied embedding are never predicted: no gradient from the head
+        assert grads_b["transformer.wte.weight"][50257:].abs().max() == 0

@@ -178,6 +178,72 @@ class Block(nn.Module):
         return x
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross_entropy(x @ weight.T [:, :vocab], targets, ignore_index=-1), fused.
+
+    The plain path keeps the (N, V) logits, an fp32 copy, the log-softmax and their gradients:
+    about a dozen passes over N x 50257 floats, which on a CPU cost as much as the head's
+    matmuls. Here the logits are made once (one matmul, in the autocast dtype where autocast is
+    on, as autocast would), then turned in place, a cache-sized block of rows at a time, into
+    their gradient (softmax - one-hot) / n_targets in fp32; backward is two matmuls with it.
+    Same loss and gradients up to float rounding; padded vocabulary columns get zero gradient.
+    """
+
+    ROWS_ELEMENTS = 1 << 21  # logits per block of rows: 8 MB of fp32
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab: int):
+        # x (N, C), weight (V_padded, C), targets (N,) with -1 = not scored
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.dtypes = (x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)  # what autocast does for a matmul; no-ops in fp32
+        with torch.autocast(dev, enabled=False):
+            logits = x @ weight.t()  # (N, V_padded), becomes the gradient below
+            if dtype == torch.float16:  # unscaled gradients underflow fp16 (GradScaler scales later)
+                logits = logits.float()
+            N, Vp = logits.shape
+            valid = targets != -1  # (N,)
+            count = valid.sum()
+            scale = valid.float() / count  # (N,): d mean / d row loss; 0 for ignored rows
+            t = targets.clamp(min=0).unsqueeze(1)  # (N, 1)
+            need_grad = any(ctx.needs_input_grad[:2])
+            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            rows = max(1, LinearCrossEntropy.ROWS_ELEMENTS // Vp)
+            for a in range(0, N, rows):
+                b = min(N, a + rows)
+                block = logits[a:b]  # (n, V_padded)
+                z = block[:, :vocab].float()  # (n, V): a view in fp32, a copy in bf16/fp16
+                lse = torch.logsumexp(z, dim=1)  # (n,)
+                loss_sum += ((lse - z.gather(1, t[a:b]).squeeze(1)) * valid[a:b]).sum()
+                if need_grad:
+                    z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+                    z.scatter_add_(1, t[a:b], -valid[a:b, None].to(z.dtype))  # - one-hot
+                    z.mul_(scale[a:b, None])
+                    if z.data_ptr() != block.data_ptr():
+                        block[:, :vocab].copy_(z)
+                    block[:, vocab:].zero_()  # padded columns: never a prediction
+        if need_grad:
+            ctx.save_for_backward(x, weight, logits)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, grad_logits = ctx.saved_tensors  # grad_logits (N, V_padded): d loss / d logits
+        if grad_logits.dtype != x.dtype:  # fp16: scale (by GradScaler's factor too) before casting
+            grad_logits, go = (grad_logits * grad_loss).to(x.dtype), None
+        else:
+            go = grad_loss.to(x.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_logits @ weight  # (N, C)
+            grad_x = (grad_x if go is None else grad_x.mul_(go)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_logits.t() @ x  # (V_padded, C)
+            grad_w = (grad_w if go is None else grad_w.mul_(go)).to(ctx.dtypes[1])
+        return grad_x, grad_w, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -221,10 +287,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the fp32 cross-entropy loss
         against targets (B, T) (ignore_index -1), or None without targets. With a KV cache, idx
-        continues the cached sequence. last_only returns logits for the last position only."""
+        continues the cached sequence. last_only returns logits for the last position only.
+        return_logits=False (with targets) returns (None, loss): the same loss and gradients,
+        computed without keeping the (B, T, V) logits (see LinearCrossEntropy), for training."""
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -239,6 +308,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is not None and not return_logits:
+            loss = LinearCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            self.config.vocab_size)
+            return None, loss
         if last_only and targets is None:
             x = x[:, -1:, :]  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V_padded)

@@ -72,12 +72,13 @@ def main(argv: list[str]) -> int:
               "  --resume R      auto | checkpoint dir | run dir\n\n" + C.describe())
         return 0
     cfg, resume = build_config(argv)
+    from gptforge.train.distributed import DistEnv
     from gptforge.train.trainer import train
 
     result = train(cfg, resume=resume)
     if result.sample:
         print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
-    if result.val_loss is not None:
+    if result.val_loss is not None and DistEnv.from_env().is_main:  # under torchrun, rank 0 speaks
         print(f"final val loss {result.val_loss:.4f} after {result.step} steps; checkpoint {result.last_checkpoint}")
     return 130 if result.stopped == "interrupted" else 0
 

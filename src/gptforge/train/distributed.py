@@ -1,7 +1,24 @@
-"""torchrun's environment, and DDP / FSDP2 wrapping applied from outside the model.
+"""torchrun's environment, DDP / FSDP2 wrapping applied from outside the model, and full-state
+checkpoint I/O that works at any world size.
 
-Launched by `torchrun --nproc_per_node=N -m gptforge train ...`, every process reads RANK,
-LOCAL_RANK and WORLD_SIZE; a plain `gptforge train` is world size 1 and touches no process group.
+Launch
+    One machine:  torchrun --standalone --nproc_per_node=N -m gptforge train [--run.dist ddp|fsdp] ...
+    Many:         on every node, torchrun --nnodes=M --nproc_per_node=N --rdzv_backend=c10d \
+                  --rdzv_endpoint=HOST:29500 --rdzv_id=JOB -m gptforge train ...
+                  (data.dir must hold the same shards on every node; run.dir must be one shared
+                  directory, since global rank 0 writes checkpoints and every rank reads them on resume.)
+Every process reads RANK, LOCAL_RANK and WORLD_SIZE; a plain `gptforge train` is world size 1 and
+touches no process group. Backend nccl with one GPU per rank (cuda:LOCAL_RANK), gloo on CPU.
+
+Failure: an exception on any rank ends that process non-zero with its message on stderr; torchrun
+(no restarts by default) then stops the other ranks, so a job never hangs in a collective that a
+dead rank will not join. Cleanup after an error does no collective.
+
+Checkpoints hold the *full* state, gathered on rank 0 (FSDP: `get_model_state_dict` /
+`get_optimizer_state_dict` with full_state_dict + cpu_offload), in the single-process format:
+model.safetensors and the optimizer state dict keyed by parameter index. So any checkpoint loads
+at any world size, DDP or FSDP or one process. The loader position saved is the global one (see
+`loader_state_for_rank`).
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from gptforge.checkpoint import TIED, model_state_for_saving
 from gptforge.errors import GPTForgeError
 
 
@@ -34,18 +52,26 @@ class DistEnv:
     @classmethod
     def from_env(cls) -> "DistEnv":
         try:
-            return cls(
+            env = cls(
                 rank=int(os.environ.get("RANK", 0)),
                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                 world_size=int(os.environ.get("WORLD_SIZE", 1)),
             )
         except ValueError as e:
             raise GPTForgeError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers ({e})") from e
+        if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
+            raise GPTForgeError(f"inconsistent torchrun environment: RANK={env.rank} LOCAL_RANK={env.local_rank} "
+                                f"WORLD_SIZE={env.world_size}")
+        return env
 
 
 def device_for(env: DistEnv, requested: str) -> str:
     """One device per rank: cuda:LOCAL_RANK under torchrun when CUDA is used."""
     if env.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if env.local_rank >= count:
+            raise GPTForgeError(f"LOCAL_RANK {env.local_rank} has no GPU: this node has {count}; "
+                                f"use --nproc_per_node={count} or fewer")
         return f"cuda:{env.local_rank}"
     return requested
 
@@ -54,6 +80,8 @@ def init(env: DistEnv, device: torch.device) -> None:
     """Join the process group (nccl on CUDA, gloo on CPU). No-op for a single process."""
     if not env.enabled or dist.is_initialized():
         return
+    if device.type not in ("cuda", "cpu"):
+        raise GPTForgeError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not on {device.type}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -62,6 +90,7 @@ def init(env: DistEnv, device: torch.device) -> None:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group after a clean run (not after an error: see the module doc)."""
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -78,8 +107,12 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+# --------------------------------------------------------------------------- wrapping
 def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, precision: str) -> torch.nn.Module:
-    """DDP, or FSDP2 (fully_shard on every block and then the root) for `mode == "fsdp"`."""
+    """DDP, or FSDP2 (fully_shard on every block and then the root) for `mode == "fsdp"`.
+
+    Call before building the optimizer: FSDP2 replaces the parameters by sharded DTensors. Every
+    rank must hold the same initial weights (same seed): FSDP2 shards what each rank has."""
     if not env.enabled:
         return model
     if mode == "ddp":
@@ -87,6 +120,8 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, 
 
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids)
+    if mode != "fsdp":
+        raise GPTForgeError(f"run.dist must be ddp or fsdp, got {mode!r}")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = None
@@ -97,6 +132,18 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, 
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)  # the root: embeddings, final LayerNorm, tied head
     return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """True when every rank must take part in each forward (FSDP gathers the weights), so work
+    such as sampling cannot run on rank 0 alone."""
+    return is_fsdp(model)
 
 
 def no_sync(model: torch.nn.Module, last_micro_step: bool):
@@ -117,3 +164,138 @@ def _fsdp_no_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float (a DTensor under FSDP: made whole first)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------- full state
+def _resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 leaves the root's weights gathered after a forward without backward (evaluation,
+    sampling), registered as plain tensors; state-dict I/O must see the sharded parameters the
+    optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as CPU tensors, tied head once: what model.safetensors holds.
+    Under FSDP it is a collective (every rank must call it) and only rank 0 gets the tensors."""
+    if not is_fsdp(model):
+        return model_state_for_saving(model)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(_resharded(model), options=_full_options(cpu_offload=True))
+    return {k: v.contiguous() for k, v in state.items() if k != TIED}
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (every rank passes the same dict) into a plain, DDP or FSDP model."""
+    if not is_fsdp(model):
+        model.load_state_dict(state, strict=False)  # the tied head is stored once
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = dict(state)
+    if TIED not in state and "transformer.wte.weight" in state:
+        state[TIED] = state["transformer.wte.weight"]
+    set_model_state_dict(_resharded(model), state, options=_full_options())
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the optimizer's index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() of the whole model (index-keyed, the single-process format).
+    Under FSDP a collective; rank 0 gets the full state (others an empty dict)."""
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(_resharded(model), optimizer, options=_full_options(cpu_offload=True))
+    if not by_name:
+        return {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return {
+        "state": {index[name]: v for name, v in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]],
+    }
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an index-keyed full optimizer state (every rank passes the same dict)."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _param_names(_resharded(model), optimizer)
+    saved_count = sum(len(g["params"]) for g in state["param_groups"])
+    if saved_count != len(names):
+        raise GPTForgeError(f"the checkpoint's optimizer has {saved_count} parameters, this model {len(names)}")
+    by_name = {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] for a single process."""
+    if not env.enabled:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------- loader position
+def loader_state(saved, saved_train: dict, env: DistEnv, loader) -> dict:
+    """This rank's loader state from a checkpoint's `loader` entry (a list, one per saved rank).
+
+    The position saved is global: (epoch, windows of the epoch handed out by all ranks), the same
+    on every rank. So any world size continues from it: rank r of the new world takes its slice
+    of each global batch. The batches read are exactly the original run's while the global
+    micro-batch world_size * micro_batch_size is unchanged (2 ranks x 4 == 1 process x 8). If it
+    changes, they stay the same until the end of the current epoch; after that they can differ,
+    because an epoch drops its last num_windows % (global micro-batch) windows (a warning says so).
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if not states or not all(isinstance(s, dict) for s in states):
+        raise GPTForgeError("checkpoint: the data loader state is missing or damaged")
+    key = lambda s: (s.get("epoch"), s.get("position"), s.get("seed"), s.get("order"))  # noqa: E731
+    if len({key(s) for s in states}) != 1:
+        raise GPTForgeError(f"checkpoint: the {len(states)} ranks saved different data positions "
+                            f"{sorted({key(s) for s in states})}; the checkpoint is inconsistent")
+    old_micro = (saved_train.get("optim") or {}).get("micro_batch_size")
+    old_global = len(states) * old_micro if isinstance(old_micro, int) else None
+    new_global = env.world_size * loader.B
+    n = loader.num_windows
+    if env.is_main and old_global and old_global != new_global and n - n % old_global != n - n % new_global:
+        import warnings
+
+        warnings.warn(
+            f"resuming with a global micro-batch of {new_global} windows ({env.world_size} ranks x {loader.B}) where the "
+            f"checkpoint used {old_global} ({len(states)} x {old_micro}): this epoch's batches are the original run's, but "
+            f"from the next epoch on each epoch drops {n % new_global} instead of {n % old_global} trailing windows, so "
+            "the data order departs from the original run's",
+            stacklevel=2,
+        )
+    return states[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gptforge import __version__
-from gptforge.checkpoint import model_state_for_saving
+from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, seq_len_of
 from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
 from gptforge.errors import GPTForgeError
@@ -97,6 +97,8 @@ class Trainer:
         self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
 
         self.model = GPT(gpt_config).to(self.rt.device)  # the raw module: saved, evaluated, sampled
+        # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
+        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
         self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
@@ -104,7 +106,6 @@ class Trainer:
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
-        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision)
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
@@ -119,17 +120,17 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def restore(self, path: Path) -> None:
         """Load weights, optimizer, scaler, schedule, RNGs and loader position of a checkpoint."""
-        saved_model, _ = ckpt.checkpoint_meta(path)
+        saved_model, saved_train = ckpt.checkpoint_meta(path)
         if saved_model.to_dict() | {"attention": None} != self.model.config.to_dict() | {"attention": None}:
             raise GPTForgeError(
                 f"{path}: checkpoint architecture {saved_model} differs from the configured {self.model.config}"
             )
         state = ckpt.load_train_state(path)
-        ckpt.load_checkpoint_model(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distrib.load_model_state(self.model, load_state_checked(path / WEIGHTS, self.model))
+        distrib.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"][self.env.rank % len(state["loader"])] if isinstance(state["loader"], list) else state["loader"])
+        self.loader.load_state_dict(distrib.loader_state(state["loader"], saved_train, self.env, self.loader))
         if self.guard is not None and state.get("spike_guard"):
             self.guard.load_state_dict(state["spike_guard"])
         self.step, self.lr_scale = int(state["step"]), float(state.get("lr_scale", 1.0))
@@ -143,7 +144,7 @@ class Trainer:
             loader_states = gathered
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": distrib.full_optimizer_state(self.model, self.optimizer),  # collective under FSDP
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": ckpt.rng_state(),
             "loader": loader_states,
@@ -154,10 +155,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = self.train_state()  # collective under torchrun: every rank takes part
+        model_state = distrib.full_model_state(self.model)  # likewise under FSDP
         if not self.env.is_main:
             distrib.barrier(self.env)
             return None
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, model_state_for_saving(self.model),
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, model_state,
                                     state, self.cfg.to_dict(), self.cfg.run.keep_last)
         distrib.barrier(self.env)
         return path
@@ -176,7 +178,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             last = micro == plan.grad_accum_steps - 1
             with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y)
+                _, loss = self.train_model(x, y, return_logits=False)  # fused head + loss: no (B, T, V) logits kept
                 loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
@@ -184,7 +186,7 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         distrib.all_reduce_mean(loss_sum, self.env)
-        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        loss_value, norm_value = loss_sum.item(), distrib.grad_norm_value(grad_norm)
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
         skip_reason = self.guard.observe(loss_value, norm_value) if self.guard is not None else None
@@ -196,7 +198,7 @@ class Trainer:
         if skip_reason is None:
             self.scaler.step(self.optimizer)
         else:
-            row.update(skipped=True, reason=skip_reason)
+            row.update(skipped=True, reason=skip_reason, skipped_total=self.guard.skipped_total)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.rt.device)
@@ -227,6 +229,11 @@ class Trainer:
         self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
                          "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
         self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
+
+    @property
+    def samples_here(self) -> bool:
+        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights)."""
+        return self.env.is_main or distrib.forward_is_collective(self.model)
 
     def sample(self, prompt: str = "\n") -> str:
         from gptforge.generate import generate
@@ -272,13 +279,13 @@ class Trainer:
                         self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
                         if self.guard.must_roll_back:
                             self.roll_back()
-                        continue
+                        continue  # no eval or checkpoint in a spike streak: the weights are suspect
                     done = self.step >= cfg.run.max_steps
                     if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and not done:
                         res.val_loss = self.evaluate()
                     if cfg.run.hellaswag_every and self.step % cfg.run.hellaswag_every == 0:
                         self.hellaswag()
-                    if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and not done and self.env.is_main:
+                    if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and not done and self.samples_here:
                         self.report.print(f"sample: {self.sample()!r}")
                     if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and not done:
                         res.last_checkpoint = self.save()
@@ -290,8 +297,9 @@ class Trainer:
             res.last_checkpoint = self.save()
             if res.stopped != "done":
                 self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
-            if self.env.is_main and res.stopped == "done":
-                res.sample = self.sample()
+            if self.samples_here and res.stopped == "done":
+                sample = self.sample()
+                res.sample = sample if self.env.is_main else ""
         finally:
             self.report.close()
             self.loader.close()

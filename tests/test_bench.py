@@ -1,0 +1,55 @@
+"""`gptforge bench`: the whole ladder runs on the CPU and reports every rung (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptforge.bench import LADDER, BenchArgs, format_table, resolve_args
+from gptforge.commands.bench import main
+from gptforge.errors import GPTForgeError
+
+RUNGS = ["fp32", "tf32", "bf16", "flash", "pad_vocab", "compile", "fused_adamw"]
+
+
+@pytest.mark.slow
+def test_ladder_on_cpu_reports_every_rung(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["--model.preset", "nano", "--batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1",
+                 "--device", "cpu", "--peak-tflops", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in report["rungs"]] == RUNGS == [r.name for r in LADDER]
+    assert report["device"] == "cpu" and report["preset"] == "nano" and report["tokens_per_step"] == 64
+    by = {r["name"]: r for r in report["rungs"]}
+    assert by["tf32"]["status"] == "n/a" and "CUDA" in by["tf32"]["reason"]  # means nothing on a CPU
+    assert by["fp32"]["status"] == "ok" and by["fp32"]["speedup"] == pytest.approx(1.0)
+    for r in report["rungs"]:
+        if r["status"] == "ok":
+            assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] > 0 and r["peak_mem_mb"] is not None
+            assert r["speedup"] > 0 and r["loss"] > 0
+        else:
+            assert r["status"] == "n/a" and r["reason"], r
+    if by["compile"]["status"] == "ok":
+        assert by["compile"]["compile_s"] is not None and by["compile"]["config"]["run.compile"] == "true"
+    # the configs are cumulative: the last rung has everything that ran before it
+    last = by["fused_adamw"]["config"]
+    assert last["optim.fused"] == "on" and last["model.attention"] == "flash" and last["model.pad_vocab"] == "true"
+    assert last["run.precision"] == "bf16"
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    printed = capsys.readouterr().out
+    table = format_table(report)
+    assert table in printed
+    for name in RUNGS:
+        assert name in table
+
+
+def test_arguments_are_resolved_and_validated_together():
+    """Defaults per device; every bad argument named in one error."""
+    args, device = resolve_args(BenchArgs(preset="nano", device="cpu", skip=("compile",)))
+    assert device.type == "cpu" and args.batch == 4 and args.seq_len == 64 and args.steps == 3 and args.warmup == 1
+    with pytest.raises(GPTForgeError, match=r"--seq-len must be in \[1, 64\].*--skip: unknown rungs \['turbo'\]"):
+        resolve_args(BenchArgs(preset="nano", device="cpu", seq_len=65, skip=("turbo",)))
+    with pytest.raises(GPTForgeError, match="unknown preset 'huge'"):
+        resolve_args(BenchArgs(preset="huge", device="cpu"))

@@ -1,0 +1,187 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 follow the single-process loss trajectory,
+resume is exact at the same and at another world size, and a crash on one rank ends the job.
+
+Every distributed run is a real `torchrun --standalone --nproc_per_node 2 -m gptforge train`.
+The single-process reference runs in this process with the same global batch (micro-batch 8
+against 2 ranks x 4): the loader hands both exactly the same windows per micro-step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gptforge import config as C
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+STEPS, HALF = 4, 2
+TOL = 1e-5
+
+# nano GPT, 32-token sequences; 512 tokens per step = 2 accumulation micro-steps of 8 sequences
+# in all (so no_sync is exercised); shuffled data; a checkpoint mid-way
+NANO = {
+    "model.preset": "nano", "data.seq_len": "32", "data.prefetch": "0", "data.order": "shuffle",
+    "optim.batch_tokens": "512", "optim.lr": "3e-3", "optim.warmup_steps": "2",
+    "run.max_steps": str(STEPS), "run.ckpt_every": str(HALF), "run.device": "cpu", "run.precision": "fp32",
+    "run.eval_every": "0", "run.eval_tokens": "1024", "run.sample_tokens": "4", "run.peak_tflops": "1.0",
+}
+
+
+def overrides(run_dir: Path, data_dir: Path, micro: int, **extra) -> dict:
+    return {**NANO, "data.dir": str(data_dir), "run.dir": str(run_dir), "optim.micro_batch_size": str(micro),
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def torchrun(run_dir: Path, data_dir: Path, *args: str, script: Path | None = None, timeout: float = 150,
+             **extra) -> subprocess.CompletedProcess:
+    """2 ranks of `gptforge train` with micro-batch 4 (the same global batch as one process with 8)."""
+    flags = [a for k, v in overrides(run_dir, data_dir, 4, **extra).items() for a in (f"--{k}", v)]
+    target = [str(script)] if script else ["-m", "gptforge"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *target, "train", *flags, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-5000:]}"
+    return p
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in rows(run_dir):
+        if "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice: more than one rank writes metrics"
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def final_val(run_dir: Path) -> float:
+    return [r["val_loss"] for r in rows(run_dir) if "val_loss" in r][-1]
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], steps, tol=TOL) -> None:
+    for s in steps:
+        assert math.isclose(got[s], want[s], rel_tol=0, abs_tol=tol), f"step {s}: {got[s]!r} vs {want[s]!r}"
+
+
+def mid(run_dir: Path) -> Path:
+    return ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(HALF)
+
+
+# ------------------------------------------------------------------ runs shared by the tests
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, shards_dir) -> Path:
+    """The reference: one process, micro-batch 8 (= 2 ranks x 4)."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    train(C.resolve(None, list(overrides(run, shards_dir, 8).items())), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, shards_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    return run, ok(torchrun(run, shards_dir))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory, shards_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    return run, ok(torchrun(run, shards_dir, **{"run.dist": "fsdp"}))
+
+
+# ------------------------------------------------------------------ tests
+def test_ddp_equals_single_process(single, ddp):
+    run, p = ddp
+    want = train_losses(single)
+    assert_close(train_losses(run), want, range(STEPS))
+    assert abs(final_val(run) - final_val(single)) < TOL  # validation over disjoint shares, all-reduced
+    # rank 0 alone prints and writes
+    assert p.stdout.count("world size 2") == 1 and p.stdout.count("final val loss") == 1
+    assert p.stdout.count("--- sample ---") == 1
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [HALF, STEPS]
+
+
+def test_fsdp_equals_single_process(single, fsdp):
+    run, p = fsdp
+    assert_close(train_losses(run), train_losses(single), range(STEPS))
+    assert abs(final_val(run) - final_val(single)) < TOL
+    assert p.stdout.count("final val loss") == 1 and p.stdout.count("--- sample ---") == 1
+
+
+def test_ddp_resumed_midway_equals_uninterrupted(ddp, shards_dir, tmp_path):
+    run, _ = ddp
+    resumed = tmp_path / "resumed"
+    p = ok(torchrun(resumed, shards_dir, "--resume", str(mid(run))))
+    assert f"resumed from {mid(run)} at step {HALF}" in p.stdout
+    got, want = train_losses(resumed), train_losses(run)
+    assert sorted(got) == list(range(HALF, STEPS))
+    for s in got:
+        assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"  # same world size: bitwise
+    assert final_val(resumed) == final_val(run)
+
+
+def test_resume_at_another_world_size(single, ddp, fsdp, shards_dir, tmp_path):
+    """Checkpoints hold the full state and a global data position: 2 -> 1 and 1 -> 2 ranks."""
+    want = train_losses(single)
+    # DDP (2 x 4) and FSDP (2 x 4) -> one process with micro-batch 8, and with 4 (4 accumulation steps)
+    for name, (run, _), micro in (("ddp", ddp, 8), ("fsdp", fsdp, 8), ("ddp4", ddp, 4)):
+        out = tmp_path / f"from_{name}_{micro}"
+        res = train(C.resolve(None, list(overrides(out, shards_dir, micro).items())), resume=str(mid(run)), progress=False)
+        assert sorted(res.losses) == list(range(HALF, STEPS)), name
+        assert_close(res.losses, want, range(HALF, STEPS))
+        assert abs(res.val_loss - final_val(single)) < TOL
+    # one process -> 2 FSDP ranks: the full state is sharded on load
+    out = tmp_path / "single_to_fsdp"
+    ok(torchrun(out, shards_dir, "--resume", str(mid(single)), **{"run.dist": "fsdp"}))
+    assert_close(train_losses(out), want, range(HALF, STEPS))
+
+
+CRASH = """
+    import os
+    import sys
+
+    import gptforge.model as M
+
+    if os.environ.get("RANK") == "1":  # rank 1 fails in its 3rd forward: mid-run, inside a step
+        forward, calls = M.GPT.forward, [0]
+
+        def failing(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected failure on rank 1")
+            return forward(self, *args, **kwargs)
+
+        M.GPT.forward = failing
+
+    from gptforge.cli import main
+
+    sys.exit(main())
+"""
+
+
+def test_crash_on_rank1_ends_the_job(tmp_path, shards_dir):
+    script = tmp_path / "crash_rank1.py"
+    script.write_text(textwrap.dedent(CRASH))
+    t0 = time.monotonic()
+    p = torchrun(tmp_path / "run", shards_dir, script=script, timeout=120)
+    assert p.returncode != 0
+    assert "injected failure on rank 1" in p.stdout + p.stderr
+    assert time.monotonic() - t0 < 90  # no hang: rank 0 was stopped, not left waiting in a collective
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
