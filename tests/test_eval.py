@@ -381,7 +381,7 @@ def test_eval_command_needs_data_or_hellaswag(tmp_path, capsys):
 
 def test_eval_command_hellaswag_offline_without_path(tmp_path, capsys, monkeypatch):
     save_model(nano(), tmp_path / "ckpt")
-    monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")

@@ -84,16 +84,16 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     dir: str = "runs/tiny"  # run directory: config, metrics.jsonl, checkpoints/
-    max_steps: int = 120  # optimizer steps
+    max_steps: int = 60  # optimizer steps
     seed: int = 1337  # seeds python, numpy, torch and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 where the GPU/CPU does it natively, else fp32)
     compile: bool = False  # torch.compile the training forward/backward
-    eval_every: int = 40  # steps between validation passes (0 = only at the end)
-    eval_tokens: int = 65536  # validation tokens per pass (0 = the whole split)
+    eval_every: int = 20  # steps between validation passes (0 = only at the end)
+    eval_tokens: int = 32768  # validation tokens per pass (0 = the whole split)
     sample_every: int = 0  # steps between short samples (0 = only at the end)
     sample_tokens: int = 64  # tokens in each sample
-    ckpt_every: int = 40  # steps between checkpoints (0 = only at the end)
+    ckpt_every: int = 20  # steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 1  # steps between metrics rows
     peak_tflops: float = 0.0  # peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe

@@ -170,6 +170,9 @@ def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | Non
     examples = load_examples(path, max_examples)
     rank, world = _dist()
     mine = examples[rank::world]
+    # every rank runs the same number of forwards (FSDP gathers weights in each): pad with
+    # repeats whose results are not counted
+    padding = (-(-len(examples) // world) - len(mine)) if world > 1 else 0
     tokenizer = Tokenizer()
     block_size = _unwrap(model).config.block_size
 
@@ -182,9 +185,11 @@ def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | Non
     model.eval()
     correct = correct_norm = 0
     try:
-        for ex in mine:
+        for i, ex in enumerate(mine + examples[:padding]):
             tokens, mask = render_example(ex, tokenizer, block_size)
             sum_loss, mean_loss = score_endings(model, tokens, mask, runtime)
+            if i >= len(mine):
+                continue  # padding
             correct += int(sum_loss.argmin().item() == ex.label)
             correct_norm += int(mean_loss.argmin().item() == ex.label)
             if bar is not None:
@@ -211,11 +216,10 @@ def format_reference() -> str:
 
 
 def default_cache_dir() -> Path:
-    """$GPTFORGE_CACHE_DIR, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge; plus /hellaswag."""
-    root = os.environ.get("GPTFORGE_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "gptforge")
-    return Path(root) / "hellaswag"
+    """The gptforge cache (see gptforge.data.prepare.default_cache_dir) + /hellaswag."""
+    from gptforge.data.prepare import default_cache_dir as cache_root
+
+    return cache_root() / "hellaswag"
 
 
 def download_hellaswag(cache_dir: str | Path | None = None, url: str = URL, timeout: float = 60.0) -> Path:
