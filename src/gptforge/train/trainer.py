@@ -108,6 +108,10 @@ class Trainer:
             self.restore(self.resume_from)
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
+        # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
+        # memory cost as much as the matmuls. Its cache-sized row blocks are a Python loop, which
+        # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
+        self.fused_loss = self.rt.device.type == "cpu"
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
         self.tracker = None
@@ -178,7 +182,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             last = micro == plan.grad_accum_steps - 1
             with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y, return_logits=False)  # fused head + loss: no (B, T, V) logits kept
+                _, loss = self.train_model(x, y, return_logits=not self.fused_loss)
                 loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
