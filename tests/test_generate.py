@@ -13,15 +13,9 @@ from gptforge.errors import GPTForgeError
 from gptforge.generate import TextDecoder, generate, generate_batch, sample_next, stream
 from gptforge.model import GPT, preset
 from gptforge.tokenizer import EOT_ID, Tokenizer
+from helpers import randomize
 
 
-def randomize(model: GPT, seed: int = 0, std: float = 0.2) -> GPT:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if gain else 0.0))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,13 @@ from gptforge.generate import generate
 from gptforge.hf import export_hf, hf_state_dict, load_pretrained
 from gptforge.model import GPT, GPTConfig, preset
 from gptforge.tokenizer import Tokenizer, bpe_files
+from helpers import randomize
 
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
 
 
-def randomize(model: GPT, seed: int = 0, std: float = 0.2) -> GPT:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if gain else 0.0))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

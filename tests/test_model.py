@@ -18,18 +18,11 @@ from gptforge.errors import GPTForgeError
 from gptforge.generate import generate
 from gptforge.hf import export_hf, load_pretrained
 from gptforge.model import GPT, GPTConfig, KVCache, preset
+from helpers import randomize
 
 TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Weights far from init (LayerNorm gains around 1) so logits are spread and differences show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if gain else 0.0))
-    return model.eval()
 
 
 def tiny(seed: int = 0, **overrides) -> GPT:
