@@ -185,3 +185,24 @@ def test_crash_on_rank1_ends_the_job(tmp_path, shards_dir):
     assert "injected failure on rank 1" in p.stdout + p.stderr
     assert time.monotonic() - t0 < 90  # no hang: rank 0 was stopped, not left waiting in a collective
     assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_eval_under_torchrun_equals_one_process(single, shards_dir):
+    """`torchrun -m gptforge eval`: disjoint shares on 2 ranks, all-reduced, printed once."""
+    ckpt_dir = ckpt.latest_checkpoint(single)
+    args = ["eval", str(ckpt_dir), "--data", str(shards_dir), "--seq-len", "32", "--device", "cpu",
+            "--precision", "fp32", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # the same global batch: one process x 8 sequences == 2 ranks x 4
+    one = ok(subprocess.run([sys.executable, "-m", "gptforge", *args, "--batch-size", "8"],
+                            capture_output=True, text=True, timeout=120, env=env))
+    two = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "gptforge", *args, "--batch-size", "4"], capture_output=True, text=True, timeout=150, env=env))
+
+    def result(out: str) -> tuple[float, str]:
+        lines = [line for line in out.splitlines() if line.startswith("val loss")]
+        assert len(lines) == 1, out  # rank 0 alone reports
+        return float(lines[0].split()[2]), lines[0].split("(")[1]  # loss, "N tokens)"
+
+    (loss_two, tokens_two), (loss_one, tokens_one) = result(two.stdout), result(one.stdout)
+    assert tokens_two == tokens_one and abs(loss_two - loss_one) < 1e-4

@@ -396,7 +396,7 @@ def test_eval_command_loss_over_data(tmp_path, monkeypatch, capsys):
     save_model(model, tmp_path / "ckpt")
     made = {}
 
-    def fake_make_loader(data_dir, split, batch_size, seq_len, device, vocab_size):
+    def fake_make_loader(data_dir, split, batch_size, seq_len, device, vocab_size, rank=0, world_size=1):
         made.update(data_dir=data_dir, split=split, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size)
         return FakeLoader(random_tokens(4 * 2 * 32 + 1, 128, seed=7), batch_size, seq_len)
 

@@ -18,13 +18,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return resolve_model_dir(path)
 
 
-def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device, vocab_size: int):
-    """The validation loader: one sequential pass. (A function so that tests can replace it.)"""
+def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device, vocab_size: int,
+                rank: int = 0, world_size: int = 1):
+    """The validation loader: one sequential pass, this rank's share. (A function so that tests can replace it.)"""
     from gptforge.data.loader import ShardLoader
 
     return ShardLoader(
         data_dir, split=split, batch_size=batch_size, seq_len=seq_len, order="sequential", seed=0,
-        rank=0, world_size=1, device=device, prefetch=0, vocab_size=vocab_size,
+        rank=rank, world_size=world_size, device=device, prefetch=0, vocab_size=vocab_size,
     )
 
 
@@ -58,11 +59,28 @@ def evaluate(
     if problems:
         raise GPTForgeError("; ".join(problems))
 
+    from gptforge.train import distributed as distrib
+
+    # under torchrun every rank evaluates a disjoint share; results are all-reduced, rank 0 reports
+    env = distrib.DistEnv.from_env()
+    if not env.is_main:
+        report, progress = (lambda *a, **k: None), False
+    try:
+        return _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples,
+                         distrib.device_for(env, device), precision, progress, report, env)
+    finally:
+        distrib.shutdown(env)
+
+
+def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples, device, precision,
+              progress, report, env) -> dict:
     from gptforge.checkpoint import load_model
     from gptforge.device import Runtime
+    from gptforge.train import distributed as distrib
 
     ckpt_dir = resolve_checkpoint(ckpt)
     runtime = Runtime.make(device, precision)
+    distrib.init(env, runtime.device)
     model = load_model(ckpt_dir).to(runtime.device)
     cfg = model.config
     T = seq_len or cfg.block_size
@@ -77,7 +95,7 @@ def evaluate(
     if data:
         from gptforge.eval.perplexity import evaluate_loss
 
-        loader = make_loader(data, split, batch_size, T, runtime.device, cfg.vocab_size)
+        loader = make_loader(data, split, batch_size, T, runtime.device, cfg.vocab_size, env.rank, env.world_size)
         val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress)
         result["val"] = val
         report(f"{split} loss {val['loss']:.4f}  perplexity {val['ppl']:.2f}  ({val['tokens']:,} tokens)")
