@@ -42,9 +42,11 @@ def test_loss_falls(tmp_path, shards_dir):
     assert res.val_loss is not None and res.val_loss < losses[0] - 1.5
 
 
-def test_metrics_rows_and_run_files(tmp_path, shards_dir):
+def test_metrics_rows_and_run_files(tmp_path, shards_dir, capsys):
     run = tmp_path / "run"
     res = train(small_cfg(run, shards_dir, **{"run.max_steps": 4, "run.eval_every": 2}), progress=False)
+    out = capsys.readouterr().out
+    assert "step      2 | val loss" in out and "step      2 | sample: " in out  # a sample with each eval
     rows = metrics(run)
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "val_loss" in r]

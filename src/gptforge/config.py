@@ -91,7 +91,7 @@ class RunArgs:
     compile: bool = False  # torch.compile the training forward/backward
     eval_every: int = 20  # steps between validation passes (0 = only at the end)
     eval_tokens: int = 32768  # validation tokens per pass (0 = the whole split)
-    sample_every: int = 0  # steps between short samples (0 = only at the end)
+    sample_every: int = 0  # steps between short samples (0 = with every evaluation, and at the end)
     sample_tokens: int = 64  # tokens in each sample
     ckpt_every: int = 20  # steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept

@@ -285,12 +285,15 @@ class Trainer:
                             self.roll_back()
                         continue  # no eval or checkpoint in a spike streak: the weights are suspect
                     done = self.step >= cfg.run.max_steps
-                    if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and not done:
+                    evaluated = bool(cfg.run.eval_every) and self.step % cfg.run.eval_every == 0 and not done
+                    if evaluated:
                         res.val_loss = self.evaluate()
                     if cfg.run.hellaswag_every and self.step % cfg.run.hellaswag_every == 0:
                         self.hellaswag()
-                    if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and not done and self.samples_here:
-                        self.report.print(f"sample: {self.sample()!r}")
+                    sample_now = self.step % cfg.run.sample_every == 0 if cfg.run.sample_every else evaluated
+                    if sample_now and not done and self.samples_here:
+                        sample = self.sample()
+                        self.report.print(f"step {self.step:>6} | sample: {sample!r}")
                     if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and not done:
                         res.last_checkpoint = self.save()
                     timed_out = cfg.run.max_minutes and time.time() - start_time > cfg.run.max_minutes * 60
