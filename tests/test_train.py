@@ -178,3 +178,18 @@ def test_cli_config_errors_are_one_line(tmp_path):
     bad.write_text("[optim]\nbatch_tokens = 1000\nmicro_batch_size = 3\n[run]\ndevice = 'cpu'\n")
     p = run_cli("train", "--config", str(bad), "--data.dir", str(tmp_path))
     assert p.returncode == 1 and "must be a multiple of" in p.stderr
+
+
+def test_hellaswag_inside_training_is_logged(tmp_path, shards_dir):
+    path = tmp_path / "hellaswag_val.jsonl"
+    with open(path, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"ind": i, "ctx": "import os", "label": i % 4, "split": "val",
+                                "endings": [" x = 1", " def f():", " return", " pass"]}) + "\n")
+    run = tmp_path / "run"
+    train(small_cfg(run, shards_dir, **{"run.max_steps": 4, "run.hellaswag_every": 2,
+                                        "run.hellaswag_path": str(path)}), progress=False)
+    hs = [r for r in metrics(run) if "hellaswag_acc" in r]
+    assert [r["step"] for r in hs] == [2, 4]
+    for r in hs:  # 3 examples: accuracies are multiples of 1/3
+        assert round(r["hellaswag_acc"] * 3, 6) in (0, 1, 2, 3) and 0 <= r["hellaswag_acc_norm"] <= 1
