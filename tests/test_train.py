@@ -193,3 +193,29 @@ def test_hellaswag_inside_training_is_logged(tmp_path, shards_dir):
     assert [r["step"] for r in hs] == [2, 4]
     for r in hs:  # 3 examples: accuracies are multiples of 1/3
         assert round(r["hellaswag_acc"] * 3, 6) in (0, 1, 2, 3) and 0 <= r["hellaswag_acc_norm"] <= 1
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path, shards_dir):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    flags = ["--model.preset", "nano", "--data.dir", str(shards_dir), "--data.seq_len", "32", "--optim.batch_tokens", "128",
+             "--optim.micro_batch_size", "4", "--run.dir", str(run), "--run.max_steps", "100000", "--run.device", "cpu",
+             "--run.precision", "fp32", "--run.ckpt_every", "0", "--run.eval_every", "0", "--run.eval_tokens", "256",
+             "--run.peak_tflops", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "gptforge", "train", *flags], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "stopped (interrupted)" in out and "resume with --resume auto" in out
+    done = [r["step"] for r in metrics(run) if "loss" in r]
+    last = ckpt.latest_checkpoint(run)
+    assert last is not None and last.name == ckpt.step_dir_name(len(done))  # every finished step is kept
+    assert torch.load(last / "state.pt", weights_only=True)["step"] == len(done)
