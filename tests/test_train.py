@@ -219,3 +219,11 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path, shards_dir):
     last = ckpt.latest_checkpoint(run)
     assert last is not None and last.name == ckpt.step_dir_name(len(done))  # every finished step is kept
     assert torch.load(last / "state.pt", weights_only=True)["step"] == len(done)
+
+
+def test_time_limit_stops_after_a_finished_step_and_resumes(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    res = train(small_cfg(run, shards_dir, **{"run.max_minutes": 1e-6, "run.ckpt_every": 0}), progress=False)
+    assert res.stopped == "time limit" and res.step == 1 and res.last_checkpoint.name == "step_000001"
+    res = train(small_cfg(run, shards_dir, **{"run.ckpt_every": 0}), resume="auto", progress=False)
+    assert res.stopped == "done" and sorted(res.losses) == [1, 2, 3, 4, 5]
