@@ -62,8 +62,6 @@ def _read_checked(path: Path, sha256: str) -> bytes:
 
 def _cached_tiktoken_encoding() -> tiktoken.Encoding | None:
     """tiktoken's own gpt2 encoding, but only if its files are already cached (no download)."""
-    from tiktoken.load import read_file_cached  # noqa: F401  (ensures the cache API exists)
-
     # the same precedence as tiktoken.load.read_file_cached; "" means caching is off there
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
     if cache_dir is None:

@@ -17,7 +17,6 @@ The manifest is written last: a directory without one is not (yet) a prepared da
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -59,18 +58,6 @@ def npy_header(dtype: np.dtype, n: int) -> bytes:
     return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(tmp: Path) -> None:
-    """Temporary files are created 0600; a prepared dataset is as readable as any new file."""
-    os.chmod(tmp, 0o666 & ~_umask())
-
-
 def write_shard(path: str | os.PathLike, blocks: Iterable[np.ndarray], n: int, dtype: np.dtype, eot_id: int) -> dict:
     """Stream `blocks` (n tokens in all) into a .npy at `path` atomically (temp name, fsync, rename).
 
@@ -81,7 +68,6 @@ def write_shard(path: str | os.PathLike, blocks: Iterable[np.ndarray], n: int, d
     h = hashlib.sha256()
     written = docs = 0
     with atomic_path(path) as tmp:
-        _make_readable(tmp)
         with open(tmp, "wb") as f:
             header = npy_header(dtype, n)
             f.write(header)
@@ -118,7 +104,6 @@ def shard_entry(path: str | os.PathLike, eot_id: int) -> dict:
 def write_json(path: str | os.PathLike, obj: dict) -> None:
     """Atomically (temp name, fsync, rename), deterministically (sorted keys)."""
     with atomic_path(path) as tmp:
-        _make_readable(tmp)
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

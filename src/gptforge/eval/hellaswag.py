@@ -15,7 +15,6 @@ are ignored). The validation split has 10,042 examples.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import urllib.error
 import urllib.request
