@@ -17,7 +17,8 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_validates(path):
     cfg = C.resolve(path)
-    plan = C.BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size, C.seq_len_of(cfg))
+    per_rank = C.per_rank_sequences(cfg.optim.batch_tokens, C.seq_len_of(cfg))  # micro-batch auto (0) takes a divisor
+    plan = C.BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size or per_rank, C.seq_len_of(cfg))
     assert plan.grad_accum_steps >= 1
 
 

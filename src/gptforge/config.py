@@ -38,6 +38,7 @@ class ModelArgs:
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2: true)
     attention: str = "flash"  # flash (scaled_dot_product_attention) | manual (explicit mask)
     pad_vocab: bool = False  # pad the vocabulary 50257 -> 50304 for faster matmuls
+    init_from: str = ""  # start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs
 
     def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
@@ -63,7 +64,7 @@ class DataArgs:
 @dataclass
 class OptimArgs:
     batch_tokens: int = 4096  # tokens per optimizer step across all ranks and micro-steps
-    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    micro_batch_size: int = 0  # sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio after cosine decay
     warmup_steps: int = 10  # linear warmup steps
@@ -89,6 +90,7 @@ class RunArgs:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 where the GPU/CPU does it natively, else fp32)
     compile: bool = False  # torch.compile the training forward/backward
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     eval_every: int = 20  # steps between validation passes (0 = only at the end)
     eval_tokens: int = 32768  # validation tokens per pass (0 = the whole split)
     sample_every: int = 0  # steps between short samples (0 = with every evaluation, and at the end)
@@ -113,13 +115,28 @@ class TrainConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     run: RunArgs = field(default_factory=RunArgs)
 
+    def __post_init__(self) -> None:
+        # Not config fields (never serialized by to_dict, ignored by ==): the dotted keys the user
+        # set in a TOML file or on the command line, and what the trainer decided from the config
+        # (where the weights came from, the micro-batch `auto` chose), saved by `record()`.
+        self.explicit: set[str] = set()
+        self.resolved: dict = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def record(self) -> dict:
+        """to_dict() plus a separate `resolved` entry: what the run's config.json and checkpoints hold."""
+        return {**self.to_dict(), RESOLVED: dict(self.resolved)}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
         cfg = cls()
+        d = dict(d)
+        resolved = d.pop(RESOLVED, None)
         apply_dict(cfg, d, where)
+        cfg.explicit = set()  # a saved config is not what the user typed this time
+        cfg.resolved = dict(resolved) if isinstance(resolved, dict) else {}
         return cfg
 
     def validate(self) -> "TrainConfig":
@@ -128,6 +145,8 @@ class TrainConfig:
 
 
 SECTIONS = {f.name: f for f in fields(TrainConfig)}
+RESOLVED = "resolved"  # the entry of a saved config that record() adds beside the sections
+AUTO_ZERO = {"optim.micro_batch_size"}  # int keys where the word "auto" means 0
 
 
 def _section_types(section) -> dict[str, typing.Any]:
@@ -183,7 +202,10 @@ def set_value(cfg: TrainConfig, dotted: str, value, where: str) -> None:
         raise GPTForgeError(
             f"{where}: unknown key {dotted!r}; valid keys in [{section_name}]: {', '.join(hints)}"
         )
+    if dotted in AUTO_ZERO and isinstance(value, str) and value.strip().lower() == "auto":
+        value = 0
     setattr(section, key, _coerce(value, hints[key], dotted, where))
+    cfg.explicit.add(dotted)
 
 
 def apply_dict(cfg: TrainConfig, d: dict, where: str) -> None:
@@ -252,9 +274,10 @@ def validate(cfg: TrainConfig) -> None:
             m.gpt_config()
         except GPTForgeError as e:
             p.append(str(e))
-    for name in ("batch_tokens", "micro_batch_size"):
-        if getattr(o, name) <= 0:
-            p.append(f"optim.{name} must be > 0, got {getattr(o, name)}")
+    if o.batch_tokens <= 0:
+        p.append(f"optim.batch_tokens must be > 0, got {o.batch_tokens}")
+    if o.micro_batch_size < 0:
+        p.append(f"optim.micro_batch_size must be > 0, or auto (0), got {o.micro_batch_size}")
     for name in ("max_steps", "keep_last", "log_every", "sample_tokens"):
         if getattr(r, name) <= 0:
             p.append(f"run.{name} must be > 0, got {getattr(r, name)}")
@@ -287,7 +310,7 @@ def validate(cfg: TrainConfig) -> None:
         p.append("run.dir must not be empty")
     if r.peak_tflops < 0 or r.max_minutes < 0:
         p.append("run.peak_tflops and run.max_minutes must be >= 0")
-    if not p and m.preset in PRESETS:
+    if not p and m.preset in PRESETS and not m.init_from:  # with init_from, checked against the source's
         block = m.gpt_config().block_size
         if d.seq_len > block:
             p.append(f"data.seq_len ({d.seq_len}) exceeds the model's block_size ({block})")
@@ -314,6 +337,16 @@ class BatchPlan:
                 f"= {micro_batch_size} * {seq_len} * {world_size} = {per_micro}"
             )
         return cls(batch_tokens, micro_batch_size, seq_len, world_size, batch_tokens // per_micro)
+
+
+def per_rank_sequences(batch_tokens: int, seq_len: int, world_size: int = 1) -> int:
+    """Sequences each rank processes per optimizer step: batch_tokens / (seq_len * world_size)."""
+    if batch_tokens % (seq_len * world_size):
+        raise GPTForgeError(
+            f"optim.batch_tokens ({batch_tokens}) must be a multiple of seq_len * world_size "
+            f"= {seq_len} * {world_size} = {seq_len * world_size}"
+        )
+    return batch_tokens // (seq_len * world_size)
 
 
 def seq_len_of(cfg: TrainConfig) -> int:

@@ -231,24 +231,45 @@ def _apply_overrides(config: GPTConfig, overrides: dict, where: str) -> GPTConfi
     return GPTConfig.from_dict({**config.to_dict(), **overrides})
 
 
+def locate(source: str | os.PathLike) -> Path:
+    """The directory whose config.json and weights `load_pretrained(source)` reads: a local
+    directory (a run directory -> its newest complete checkpoint), or a hub name's snapshot
+    (downloaded when online)."""
+    path = resolve_source(source)
+    if not path.exists():
+        if str(source) in HUB_MODELS:
+            return _hub_download(str(source))
+        raise GPTForgeError(
+            f"{source}: no such directory (expected a gptforge checkpoint, a run directory, a Hugging Face "
+            f"GPT-2 directory, or one of the hub names {', '.join(HUB_MODELS)})"
+        )
+    if not path.is_dir():
+        raise GPTForgeError(f"{path}: not a directory")
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    if not (path / "config.json").is_file():
+        raise GPTForgeError(f"{path}: no config.json (expected a gptforge checkpoint or a Hugging Face GPT-2 directory)")
+    return _read_json(path / "config.json")
+
+
+def source_config(source: str | os.PathLike) -> GPTConfig:
+    """The architecture stored at `source` (what load_pretrained builds without overrides),
+    read from its config.json alone: no weights are loaded."""
+    path = locate(source)
+    meta = _read_meta(path)
+    if isinstance(meta.get("model"), dict):  # gptforge's native format
+        return GPTConfig.from_dict(checkpoint.read_config(path)["model"])
+    return config_from_hf(meta, str(path / "config.json"))
+
+
 def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
     """A GPT from a gptforge checkpoint directory, a run directory (its newest checkpoint), a local
     Hugging Face GPT-2 directory, or a hub name (gpt2 ... gpt2-xl, needs network). Overrides:
     pad_vocab, dropout, attention, block_size (a crop). Weights are fp32 on the CPU, eval mode."""
-    path = resolve_source(source)
-    if not path.exists():
-        if str(source) in HUB_MODELS:
-            path = _hub_download(str(source))
-        else:
-            raise GPTForgeError(
-                f"{source}: no such directory (expected a gptforge checkpoint, a run directory, a Hugging Face "
-                f"GPT-2 directory, or one of the hub names {', '.join(HUB_MODELS)})"
-            )
-    if not path.is_dir():
-        raise GPTForgeError(f"{path}: not a directory")
-    meta = _read_json(path / "config.json") if (path / "config.json").is_file() else None
-    if meta is None:
-        raise GPTForgeError(f"{path}: no config.json (expected a gptforge checkpoint or a Hugging Face GPT-2 directory)")
+    path = locate(source)
+    meta = _read_meta(path)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(meta.get("model"), dict):  # gptforge's native format
         if not overrides:

@@ -108,11 +108,39 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- wrapping
-def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, precision: str) -> torch.nn.Module:
-    """DDP, or FSDP2 (fully_shard on every block and then the root) for `mode == "fsdp"`.
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them
+    (torch.utils.checkpoint, non-reentrant; dropout replays the same RNG, so losses and
+    gradients are the same). Only the instance attribute `forward` of each block is replaced:
+    the module tree, parameter names and state-dict keys stay as they are, so checkpoints load
+    with and without it, and FSDP2's fully_shard (whose hooks run around a module's __call__,
+    and which unshards a block before its backward, i.e. before the recomputation) and DDP see
+    the same modules. Without grad (evaluation, sampling with a KV cache) blocks run plainly."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        if getattr(block, "_activation_checkpointing", False):
+            continue
+        forward = block.forward  # the class's bound method
+
+        def checkpointed(x, kv_cache=None, _forward=forward):
+            if kv_cache is not None or not torch.is_grad_enabled():
+                return _forward(x, kv_cache)
+            return checkpoint(_forward, x, use_reentrant=False)
+
+        block.forward = checkpointed
+        block._activation_checkpointing = True
+
+
+def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, precision: str,
+         activation_checkpointing: bool = False) -> torch.nn.Module:
+    """Activation checkpointing (if asked), then DDP, or FSDP2 (fully_shard on every block and
+    then the root) for `mode == "fsdp"`.
 
     Call before building the optimizer: FSDP2 replaces the parameters by sharded DTensors. Every
     rank must hold the same initial weights (same seed): FSDP2 shards what each rank has."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
     if not env.enabled:
         return model
     if mode == "ddp":
@@ -285,6 +313,8 @@ def loader_state(saved, saved_train: dict, env: DistEnv, loader) -> dict:
         raise GPTForgeError(f"checkpoint: the {len(states)} ranks saved different data positions "
                             f"{sorted({key(s) for s in states})}; the checkpoint is inconsistent")
     old_micro = (saved_train.get("optim") or {}).get("micro_batch_size")
+    if not old_micro:  # `auto`: the size it chose is in the saved config's resolved entry
+        old_micro = ((saved_train.get("resolved") or {}).get("micro_batch") or {}).get("size")
     old_global = len(states) * old_micro if isinstance(old_micro, int) else None
     new_global = env.world_size * loader.B
     n = loader.num_windows

@@ -17,10 +17,9 @@ import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig, seq_len_of
+from gptforge.config import BatchPlan, TrainConfig
 from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
 from gptforge.errors import GPTForgeError
-from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
 from gptforge.train import distributed as distrib
 from gptforge.train.metrics import Reporter
@@ -85,21 +84,34 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         from gptforge.data.loader import ShardLoader
+        from gptforge.train import fit, weights
 
-        self.seq_len = seq_len_of(cfg)
-        self.plan = BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size, self.seq_len, self.env.world_size)
+        # random init, --resume's architecture, or model.init_from: one place (train/weights.py)
+        model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env)
+        self.model = model.to(self.rt.device)  # the raw module: saved, evaluated, sampled
+        gpt_config = self.model.config
+        self.seq_len = weights.seq_len_for(cfg, gpt_config)
         data_dir = resolve_data_dir(cfg, self.env)
-        gpt_config = cfg.model.gpt_config()
-        common = dict(batch_size=cfg.optim.micro_batch_size, seq_len=self.seq_len, rank=self.env.rank,
+        # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
+        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision,
+                                        activation_checkpointing=cfg.run.activation_checkpointing)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
+        # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
+        # memory cost as much as the matmuls. Its cache-sized row blocks are a Python loop, which
+        # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
+        self.fused_loss = self.rt.device.type == "cpu"
+        saved_micro = None
+        if self.resume_from is not None:  # auto re-derives only if the world size changed
+            saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
+        self.micro = fit.choose(cfg, self.model, self.train_model, self.optimizer, self.rt, self.env, self.seq_len,
+                                return_logits=not self.fused_loss, saved=saved_micro)
+        cfg.resolved["micro_batch"] = self.micro.record()
+        self.plan = BatchPlan.make(cfg.optim.batch_tokens, self.micro.size, self.seq_len, self.env.world_size)
+        common = dict(batch_size=self.micro.size, seq_len=self.seq_len, rank=self.env.rank,
                       world_size=self.env.world_size, device=str(self.rt.device), vocab_size=gpt_config.vocab_size)
         self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
                                   prefetch=cfg.data.prefetch, **common)
         self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
-
-        self.model = GPT(gpt_config).to(self.rt.device)  # the raw module: saved, evaluated, sampled
-        # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
-        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
         self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
@@ -108,17 +120,13 @@ class Trainer:
             self.restore(self.resume_from)
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
-        # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
-        # memory cost as much as the matmuls. Its cache-sized row blocks are a Python loop, which
-        # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
-        self.fused_loss = self.rt.device.type == "cpu"
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
         self.tracker = None
         if self.env.is_main and cfg.run.log != "none":
             from gptforge.train.trackers import make_tracker
 
-            self.tracker = make_tracker(cfg.run.log, self.run_dir, cfg.to_dict(), cfg.run.project, cfg.run.name or self.run_dir.name)
+            self.tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
         self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, self.tracker, progress)
 
     # ----------------------------------------------------------------- state
@@ -164,7 +172,7 @@ class Trainer:
             distrib.barrier(self.env)
             return None
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, model_state,
-                                    state, self.cfg.to_dict(), self.cfg.run.keep_last)
+                                    state, self.cfg.record(), self.cfg.run.keep_last)
         distrib.barrier(self.env)
         return path
 
@@ -269,7 +277,7 @@ class Trainer:
         cfg, res = self.cfg, TrainResult()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_run_config(self.run_dir, cfg.to_dict())
+            ckpt.write_run_config(self.run_dir, cfg.record())
             self.report.print(self.banner())
         start_time = time.time()
         try:
@@ -321,11 +329,24 @@ class Trainer:
             f" | world size {self.env.world_size} | compile {c.run.compile}",
             f"model {c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
             f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
+            f"micro-batch {p.micro_batch_size}: {self.micro.reason}"
+            + (" | activation checkpointing on" if c.run.activation_checkpointing else ""),
+            f"weights: {self.weights_line()}",
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
             f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
         ]
         return "\n".join(lines)
+
+    def weights_line(self) -> str:
+        w = self.cfg.resolved.get("weights", {})
+        if w.get("from") == "init_from":
+            crop = w.get("cropped_block_size")
+            return f"init_from {w['source']} ({w['path']})" + (f", block_size cropped {crop[0]} -> {crop[1]}" if crop else "")
+        if w.get("from") == "resume":
+            began = w.get("run_began_from") or {}
+            return f"resumed from {w['checkpoint']}" + (f" (the run began from {began['source']})" if began.get("source") else "")
+        return f"random init (seed {self.cfg.run.seed})"
 
     def device_name(self) -> str:
         if self.rt.device.type == "cuda":
