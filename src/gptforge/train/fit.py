@@ -145,6 +145,7 @@ def _trial_step(model, train_model, optimizer, rt, b, seq_len, return_logits) ->
     """One forward + backward + optimizer step at micro-batch b; (fits, peak bytes)."""
     torch.cuda.reset_peak_memory_stats(rt.device)
     oom = False
+    train_model.train()
     try:
         x, y = _batch(model, b, seq_len, rt.device)
         with _no_collectives(train_model), rt.autocast():
@@ -177,13 +178,15 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, return_logits
         return t
 
     x, y = _batch(model, 1, seq_len, rt.device)
-    rng = ckpt.rng_state()  # dropout in this forward must not move the run's RNG
+    rng, was_training = ckpt.rng_state(), train_model.training  # dropout must not move the run's RNG
     try:
+        train_model.train()  # as in training: dropout keeps its masks
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
             _, loss = train_model(x, y, return_logits=return_logits)
         del loss  # no backward: the graph is dropped
     finally:
         ckpt.set_rng_state(rng)
+        train_model.train(was_training)
     return sum(seen.values())
 
 

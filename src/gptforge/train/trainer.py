@@ -327,7 +327,7 @@ class Trainer:
         lines = [
             f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({self.device_name()}) | precision {self.rt.precision}"
             f" | world size {self.env.world_size} | compile {c.run.compile}",
-            f"model {c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
+            f"model {c.model.init_from or c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
             f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
             f"micro-batch {p.micro_batch_size}: {self.micro.reason}"
             + (" | activation checkpointing on" if c.run.activation_checkpointing else ""),
