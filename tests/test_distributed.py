@@ -206,3 +206,37 @@ def test_eval_under_torchrun_equals_one_process(single, shards_dir):
 
     (loss_two, tokens_two), (loss_one, tokens_one) = result(two.stdout), result(one.stdout)
     assert tokens_two == tokens_one and abs(loss_two - loss_one) < 1e-4
+
+
+# ------------------------------------------------------------------ issue 12: activation checkpointing, micro-batch auto
+def test_activation_checkpointing_under_ddp_and_fsdp(single, shards_dir, tmp_path):
+    """Recomputed blocks inside DDP and inside FSDP2's per-block units: the same trajectory."""
+    for mode in ("ddp", "fsdp"):
+        run = tmp_path / mode
+        p = ok(torchrun(run, shards_dir, **{"run.dist": mode, "run.activation_checkpointing": "true"}))
+        assert p.stdout.count("activation checkpointing on") == 1
+        assert_close(train_losses(run), train_losses(single), range(STEPS))
+
+
+def test_micro_batch_auto_under_fsdp(single, shards_dir, tmp_path):
+    """Both ranks agree on one size, a divisor of the per-rank batch of 512 / (32 x 2) = 8."""
+    run = tmp_path / "auto"
+    ok(torchrun(run, shards_dir, **{"run.dist": "fsdp", "optim.micro_batch_size": "auto"}))
+    chosen = json.loads((run / "config.json").read_text())["resolved"]["micro_batch"]
+    assert chosen["world_size"] == 2 and 8 % chosen["size"] == 0
+    assert_close(train_losses(run), train_losses(single), range(STEPS))
+
+
+def test_default_config_on_two_ranks(shards_dir, tmp_path):
+    """The shipped default (tiny, 4096 tokens of 256, micro-batch auto) on 2 ranks: 8 sequences
+    per rank, where the old fixed 16 did not divide."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptforge",
+           "train", "--data.dir", str(shards_dir), "--run.dir", str(run), "--run.device", "cpu", "--run.max_steps", "1",
+           "--run.eval_tokens", "512", "--run.sample_tokens", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optim"]["micro_batch_size"] == 0 and saved["model"]["preset"] == "tiny"
+    size = saved["resolved"]["micro_batch"]["size"]
+    assert 8 % size == 0 and f"= {size} seqs x 256 tokens x 2 ranks x {8 // size} accumulation steps" in p.stdout
