@@ -251,3 +251,13 @@ def _cpu_fp32():
     from gptforge.device import Runtime
 
     return Runtime.make("cpu", "fp32")
+
+
+def test_shipped_finetune_config_fits_gpt2():
+    """configs/finetune-gpt2.toml sets no key that contradicts GPT-2 124M (checked without network)."""
+    from gptforge.train.weights import check_against_source
+
+    cfg = C.resolve(Path(__file__).parent.parent / "configs" / "finetune-gpt2.toml")
+    assert cfg.model.init_from == "gpt2" and cfg.optim.micro_batch_size == 0
+    assert check_against_source(cfg, preset("gpt2"), "gpt2") == {"dropout": 0.1, "attention": "flash", "pad_vocab": True}
+    assert cfg.optim.batch_tokens % (1024 * 8) == 0  # divides on 1 ... 8 GPUs at seq_len 1024
