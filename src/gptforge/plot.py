@@ -151,7 +151,8 @@ def run_labels(configs: list[dict | None], names: list[str]) -> list[str]:
     missing config, or configs that differ only in ignored keys. Labels are always unique."""
     if len(configs) < 2 or any(c is None for c in configs):
         return _unique(list(names), names)
-    flats = [flatten(c) for c in configs]
+    # the `resolved` entry is what the trainer decided (micro-batch auto's RAM figures...), not a setting
+    flats = [flatten({k: v for k, v in c.items() if k != "resolved"}) for c in configs]
     keys: list[str] = []
     for f in flats:  # union in config order (model, data, optim, run), not alphabetical
         keys += [k for k in f if k not in keys and k not in IGNORED_LABEL_KEYS]
