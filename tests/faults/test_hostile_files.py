@@ -278,7 +278,7 @@ BAD_CONFIGS = [
     ("table for a value", "[run]\nmax_steps = { n = 1 }\n", ["run.max_steps"]),
     ("value for a table", 'optim = "fast"\n', ["[optim]"]),
     ("negative batch", "[optim]\nbatch_tokens = -4096\n", ["optim.batch_tokens", "-4096"]),
-    ("zero micro-batch", "[optim]\nmicro_batch_size = 0\n", ["optim.micro_batch_size"]),
+    ("negative micro-batch", "[optim]\nmicro_batch_size = -2\n", ["optim.micro_batch_size"]),  # 0 is auto
     ("zero steps", "[run]\nmax_steps = 0\n", ["run.max_steps"]),
     ("zero layers", "[model]\nn_layer = 0\n", ["n_layer"]),
     ("negative width", "[model]\nn_embd = -64\n", ["n_embd"]),

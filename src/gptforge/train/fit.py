@@ -190,10 +190,14 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, return_logits
     return sum(seen.values())
 
 
+def available_ram() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def _fit_ram(model, train_model, rt, env, seq_len, per_rank, return_logits) -> tuple[int, str]:
     import os
-
-    import psutil
 
     # the raw model: a forward without backward must not leave DDP/FSDP expecting one
     per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len, return_logits) * BACKWARD_FACTOR)
@@ -201,7 +205,7 @@ def _fit_ram(model, train_model, rt, env, seq_len, per_rank, return_logits) -> t
     shard = env.world_size if distrib.is_fsdp(model) else 1
     param_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
     to_come = 3 * param_bytes // shard  # gradients and AdamW's two moments, not allocated yet
-    available = psutil.virtual_memory().available
+    available = available_ram()
     budget = int(available * RAM_FRACTION / local_ranks) - to_come
     fits = [b for b in candidates(per_rank) if b * per_seq <= budget]
     chosen = _agree(fits[0] if fits else 0, env)
