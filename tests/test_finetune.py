@@ -260,3 +260,23 @@ def test_shipped_finetune_config_fits_gpt2():
     assert cfg.model.init_from == "gpt2" and cfg.optim.micro_batch_size == 0
     assert check_against_source(cfg, preset("gpt2"), "gpt2") == {"dropout": 0.1, "attention": "flash", "pad_vocab": True}
     assert cfg.optim.batch_tokens % (1024 * 8) == 0  # divides on 1 ... 8 GPUs at seq_len 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_trial_steps_change_nothing(shards_dir, tmp_path):
+    """The trial steps (forward + backward + AdamW at each candidate size) leave the weights,
+    the optimizer and every RNG as they were; the run then equals one with the size given."""
+    over = {**NANO_AUTO, "run.device": "cuda", "optim.micro_batch_size": "auto"}
+    t = Trainer(cfg_of(tmp_path / "auto", shards_dir, **over), progress=False)
+    assert t.micro.reason.startswith("auto: a trial step of") and 8 % t.micro.size == 0
+    assert not t.optimizer.state  # fresh: no moments, no step count
+    start = [p.detach().clone() for p in t.model.parameters()]
+    a = t.run()
+    fresh = Trainer(cfg_of(tmp_path / "given", shards_dir, **{**over, "optim.micro_batch_size": t.micro.size}),
+                    progress=False)
+    for p, q in zip(start, fresh.model.parameters()):
+        assert torch.equal(p, q)
+    b = fresh.run()
+    for s in a.losses:  # dropout 0.1: the RNG was restored too (GPU kernels: not bitwise)
+        assert a.losses[s] == pytest.approx(b.losses[s], abs=1e-5)
