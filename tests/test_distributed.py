@@ -240,3 +240,14 @@ def test_default_config_on_two_ranks(shards_dir, tmp_path):
     assert saved["optim"]["micro_batch_size"] == 0 and saved["model"]["preset"] == "tiny"
     size = saved["resolved"]["micro_batch"]["size"]
     assert 8 % size == 0 and f"= {size} seqs x 256 tokens x 2 ranks x {8 // size} accumulation steps" in p.stdout
+
+
+def test_init_from_under_fsdp_equals_one_process(single, shards_dir, tmp_path):
+    """Every rank loads the same source weights before FSDP2 shards them."""
+    src = ckpt.latest_checkpoint(single)
+    one = train(C.resolve(None, list(overrides(tmp_path / "one", shards_dir, 8, **{"model.init_from": src}).items())),
+                progress=False)
+    assert one.losses[0] < train_losses(single)[0] - 0.5  # trained weights, not a random init
+    run = tmp_path / "fsdp"
+    ok(torchrun(run, shards_dir, **{"run.dist": "fsdp", "model.init_from": src}))
+    assert_close(train_losses(run), one.losses, range(STEPS))
