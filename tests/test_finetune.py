@@ -112,7 +112,8 @@ def test_hf_dir_step0_loss_equals_transformers_and_export_round_trips(hf_dir, sh
 
 def test_run_dir_source_and_block_size_crop(nano_run, shards_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = cfg_of(run, shards_dir, **{"model.init_from": nano_run, "model.block_size": SEQ, "model.dropout": 0.1})
+    cfg = cfg_of(run, shards_dir, **{"model.init_from": nano_run, "model.block_size": SEQ, "model.dropout": 0.1,
+                                     "model.attention": "manual"})  # its causal mask is cropped too
     res = train(cfg, progress=False)
     out = capsys.readouterr().out
     newest = ckpt.latest_checkpoint(nano_run)
@@ -123,6 +124,7 @@ def test_run_dir_source_and_block_size_crop(nano_run, shards_dir, tmp_path, caps
     # the cropped model starts from the source's first 32 positions
     source, cropped = load_pretrained(newest), Trainer(cfg, progress=False).model
     assert torch.equal(cropped.transformer.wpe.weight, source.transformer.wpe.weight[:SEQ])
+    assert cropped.transformer.h[0].attn.bias.shape == (1, 1, SEQ, SEQ)
     exported = tmp_path / "exported"
     assert cli.main(["export", str(run), "--to-hf", str(exported)]) == 0
     assert json.loads((exported / "config.json").read_text())["n_positions"] == SEQ
