@@ -95,6 +95,10 @@ class Trainer:
         self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
                                   prefetch=cfg.data.prefetch, **common)
         self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
+        from gptforge.data import verify  # hashes in the background while the model is built
+
+        shard_check = verify.start(data_dir, enabled=cfg.data.verify, hashes_here=self.env.local_rank == 0,
+                                   progress=progress and self.env.is_main)
 
         self.model = GPT(gpt_config).to(self.rt.device)  # the raw module: saved, evaluated, sampled
         # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
@@ -106,6 +110,8 @@ class Trainer:
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
+        shard_check.wait(agree=None if not self.env.enabled else lambda ok: distrib.all_reduce_mean(
+            torch.tensor(float(ok), device=self.rt.device), self.env).item() == 1.0)  # every rank stops on a bad shard
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
         # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
