@@ -270,7 +270,7 @@ def _diff(old: dict, new: dict) -> str:
         if a == b or (key == "sources" and old.get("inputs_sha256") == new.get("inputs_sha256")):
             continue  # the same inputs, recorded from another place
         if key == "inputs_sha256":
-            out.append("the input files changed (size or modification time)")
+            out.append("the input files changed (size, modification time or place)")
         else:
             ra, rb = repr(a), repr(b)
             out.append(f"{key} {ra[:60]} -> {rb[:60]}")

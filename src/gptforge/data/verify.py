@@ -34,6 +34,7 @@ from gptforge.errors import GPTForgeError
 from gptforge.fsutil import atomic_write_text, sha256_file
 
 CACHE_VERSION = 1
+LONG = 1 << 30  # bytes to hash from which a log is told (before, if not a terminal, and after)
 
 
 def cache_path(data_dir: str | os.PathLike) -> Path:
@@ -123,8 +124,12 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict | None = None, *, 
         else:
             todo[info.path] = (entry, key)
     total = sum(key[0] for _, key in todo.values())
+    tty = sys.stderr.isatty()
+    if progress and not tty and total >= LONG:  # a log file: one line before a long wait, no bar
+        print(f"gptforge: verifying {len(todo)} shards ({total / 2**30:.1f} GiB) against {shards.MANIFEST}",
+              file=sys.stderr, flush=True)
     bar = tqdm(total=total, desc="verifying shards", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               disable=not progress or not todo, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+               disable=not (progress and todo and tty), leave=False)
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -148,8 +153,13 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict | None = None, *, 
     if problems:
         more = f" (and {len(problems) - 1} more shards differ)" if len(problems) > 1 else ""
         raise GPTForgeError(f"{problems[0]}{more}; re-copy or re-prepare it, or train with --data.verify off")
-    return {"shards": len(entries), "hashed": len(todo), "cached": len(entries) - len(todo), "bytes_hashed": total,
-            "seconds": time.perf_counter() - t0}
+    report = {"shards": len(entries), "hashed": len(todo), "cached": len(entries) - len(todo), "bytes_hashed": total,
+              "seconds": time.perf_counter() - t0}
+    if progress and total >= LONG:  # quick checks stay quiet
+        remembered = f"; {report['cached']} unchanged since verified" if report["cached"] else ""
+        print(f"gptforge: {len(todo)} shards ({total / 2**20:,.1f} MiB) match {shards.MANIFEST}, hashed in "
+              f"{report['seconds']:.1f} s{remembered}", file=sys.stderr, flush=True)
+    return report
 
 
 class ShardCheck:
