@@ -190,6 +190,11 @@ def test_cache_from_another_data_dir_is_not_trusted(data, tmp_path):
     poke(other / "val_000000.npy", header_len(other / "val_000000.npy") + 3, lambda b: b ^ 0x01)
     with pytest.raises(GPTForgeError, match="val_000000.npy: sha256"):
         verify_shards(other, progress=False)
+    assert cache_path(other).is_file()  # its other shards were verified
+    shutil.rmtree(other)
+    os.utime(data / "val_000000.npy")
+    verify_shards(data, progress=False)  # writing a cache forgets the data dirs that are gone
+    assert cache_path(data).is_file() and not cache_path(other).exists()
 
 
 def test_moved_data_dir_trains_and_verifies(tmp_path, corpus_dir, gf):

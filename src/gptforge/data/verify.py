@@ -34,6 +34,7 @@ from gptforge.errors import GPTForgeError
 from gptforge.fsutil import atomic_write_text, sha256_file
 
 CACHE_VERSION = 1
+BLOCK = 1 << 20  # bytes read per hash update: as fast as larger blocks, and little memory per thread
 LONG = 1 << 30  # bytes to hash from which a log is told (before, if not a terminal, and after)
 
 
@@ -64,9 +65,23 @@ def _read_cache(path: Path, data_dir: Path) -> dict[str, dict]:
 def _write_cache(path: Path, data_dir: Path, verified: dict[str, dict]) -> None:
     body = {"version": CACHE_VERSION, "data_dir": str(data_dir), "shards": verified}
     try:
+        _prune(path.parent)
         atomic_write_text(path, json.dumps(body, indent=1, sort_keys=True) + "\n")
     except OSError:  # a read-only cache: the next start hashes again, nothing worse
         pass
+
+
+def _prune(cache_dir: Path) -> None:
+    """Forget data directories that no longer exist (temporary ones, deleted datasets)."""
+    if not cache_dir.is_dir():
+        return
+    for p in cache_dir.glob("*.json"):
+        try:
+            gone = not Path(json.loads(p.read_text(encoding="utf-8"))["data_dir"]).is_dir()
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True
+        if gone:
+            p.unlink(missing_ok=True)
 
 
 def _hash_all(paths: list[Path], workers: int, progress: Callable[[int], None] | None) -> dict[Path, str | OSError]:
@@ -83,7 +98,7 @@ def _hash_all(paths: list[Path], workers: int, progress: Callable[[int], None] |
             except queue.Empty:
                 return
             try:
-                out[p] = sha256_file(p, progress=progress)
+                out[p] = sha256_file(p, block=BLOCK, progress=progress)
             except OSError as e:
                 out[p] = e
 
