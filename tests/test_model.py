@@ -13,7 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 
-from gptforge.checkpoint import load_model, save_model
+from gptforge.checkpoint import load_model, save_model, write_sums
 from gptforge.errors import GPTForgeError
 from gptforge.generate import generate
 from gptforge.hf import export_hf, load_pretrained
@@ -214,6 +214,9 @@ def test_mismatched_checkpoint_shapes(tmp_path):
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
     meta["model"]["n_embd"] = 32  # the weights say 64
     (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(GPTForgeError, match=r"config\.json: sha256 is"):  # an edit the sums do not know of
+        load_model(tmp_path / "ck")
+    write_sums(tmp_path / "ck")  # edited on purpose, sums and all: the shapes are still checked
     for load in (load_model, load_pretrained):
         with pytest.raises(GPTForgeError, match=r"tensor transformer\.\S+ has shape \(\d+, 64\).*expects \(\d+, 32\)"):
             load(tmp_path / "ck")

@@ -3,13 +3,23 @@
 Every later piece builds on it: training checkpoints add a `state.pt` (see train/checkpoint.py),
 `gptforge sample`, `eval` and `export` read it. Weights are safetensors (never pickle); the tied
 LM head is stored once, as `transformer.wte.weight`.
+
+Every directory written here also holds `SHA256SUMS` (the sha256 of each of its files, in the
+format of coreutils' `sha256sum`, written last inside the atomic directory), and every read checks
+the files it uses against it: `read_config` (the first step of every reader: load_model, resume,
+`GPT.from_pretrained` / hf.py) checks config.json and model.safetensors, `load_state_checked` the
+weights, train/checkpoint.py's `load_train_state` state.pt. A directory written before the sums
+existed loads with a note.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,12 +28,95 @@ from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import atomic_dir
+from gptforge.fsutil import atomic_dir, sha256_file
 from gptforge.model import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED = "lm_head.weight"  # same storage as transformer.wte.weight: not stored twice
+SUMS = "SHA256SUMS"  # `cd DIR && sha256sum -c SHA256SUMS` checks a checkpoint without gptforge
+_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
+
+
+class ChecksumError(GPTForgeError):
+    """A file of a checkpoint is not what was written: its sha256 differs from SHA256SUMS."""
+
+
+def write_sums(directory: Path) -> None:
+    """SHA256SUMS of every file in `directory`; call it last, inside the writer's atomic_dir."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+    with ThreadPoolExecutor(max(len(files), 1)) as ex:  # hashlib releases the GIL
+        digests = list(ex.map(sha256_file, files))
+    (directory / SUMS).write_text("".join(f"{d}  {p.name}\n" for p, d in zip(files, digests)))
+
+
+def read_sums(directory: Path) -> dict[str, str] | None:
+    """file name -> sha256 from SHA256SUMS; None when the directory has none (written before sums)."""
+    path = Path(directory) / SUMS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChecksumError(f"{path}: unreadable ({e})") from e
+    sums = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = _SUM_LINE.match(line)
+        if not m:
+            raise ChecksumError(f"{path}: line {i} is not '<64 hex digits>  FILE' ({line[:80]!r})")
+        sums[m.group(2)] = m.group(1)
+    return sums
+
+
+_NOTED: set[str] = set()
+
+
+def _note_unverified(directory: Path) -> None:
+    key = str(Path(directory).resolve())
+    if key in _NOTED:
+        return
+    _NOTED.add(key)
+    if os.environ.get("RANK", "0") == "0":  # one printer under torchrun
+        print(f"gptforge: note: {directory} has no {SUMS} (written before checkpoints were checksummed); "
+              "loading it unverified", file=sys.stderr)
+
+
+def verify_files(directory: str | Path, names: tuple[str, ...]) -> None:
+    """Check `names` of a checkpoint directory against its SHA256SUMS (a ChecksumError naming the
+    file and both digests). Files that are absent are left to the reader to report."""
+    directory = Path(directory)
+    sums = read_sums(directory)
+    if sums is None:
+        if any((directory / name).is_file() for name in names):
+            _note_unverified(directory)
+        return
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            continue
+        want = sums.get(name)
+        if want is None:
+            raise ChecksumError(f"{path}: not listed in {directory / SUMS}; the directory was changed after it was written")
+        got = sha256_file(path)
+        if got != want:
+            raise ChecksumError(
+                f"{path}: sha256 is {got}, but {SUMS} recorded {want} when it was written "
+                "(the file changed since: a flipped bit, a bad copy or disk)"
+            )
+
+
+def verify_dir(directory: str | Path) -> None:
+    """Every file SHA256SUMS lists must be present and match (the check `--resume auto` makes)."""
+    directory = Path(directory)
+    sums = read_sums(directory)
+    if sums is None:
+        _note_unverified(directory)
+        return
+    for name in sums:
+        if not (directory / name).is_file():
+            raise ChecksumError(f"{directory / name}: listed in {SUMS} but missing")
+    verify_files(directory, tuple(sums))
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -51,6 +144,7 @@ def save_model(model: GPT, directory: str | Path, extra: dict | None = None, ove
         try:
             with atomic_dir(directory) as tmp:
                 write_model_files(tmp, model_state_for_saving(model), model.config, extra)
+                write_sums(tmp)
         except BaseException:
             old.rename(directory)
             raise
@@ -58,11 +152,15 @@ def save_model(model: GPT, directory: str | Path, extra: dict | None = None, ove
         return directory
     with atomic_dir(directory) as tmp:
         write_model_files(tmp, model_state_for_saving(model), model.config, extra)
+        write_sums(tmp)
     return directory
 
 
 def read_config(directory: str | Path) -> dict:
+    """config.json of a model directory, after checking it and the weights against SHA256SUMS:
+    every reader starts here, so none loads a changed file without a word."""
     path = Path(directory) / CONFIG
+    verify_files(path.parent, (CONFIG, WEIGHTS))
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError as e:
@@ -75,7 +173,9 @@ def read_config(directory: str | Path) -> dict:
 
 
 def load_state_checked(path: Path, model: GPT) -> dict[str, torch.Tensor]:
-    """Read a safetensors file and check every name and shape against `model`."""
+    """Read a safetensors file (checked against its directory's SHA256SUMS) and check every name
+    and shape against `model`."""
+    verify_files(Path(path).parent, (Path(path).name,))
     try:
         state = load_file(str(path))
     except FileNotFoundError as e:

@@ -59,6 +59,7 @@ class DataArgs:
     seq_len: int = 0  # tokens per sequence T; 0 = the model's block_size
     order: str = "shuffle"  # shuffle (seeded permutation of windows each epoch) | sequential
     prefetch: int = 2  # batches prepared ahead in a background thread (0 = off)
+    verify: bool = True  # sha256 of every shard against manifest.json before the first step (remembered; off = start at once)
 
 
 @dataclass

@@ -104,3 +104,34 @@ def remove_stale_tmp(directory: str | os.PathLike) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+_DIGESTS: dict[tuple, str] = {}  # (device, inode, size, mtime_ns, ctime_ns) -> sha256, this process only
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 24, progress=None) -> str:
+    """The sha256 of a file, read in blocks into one buffer (hashlib releases the GIL, so threads
+    hash in parallel). Remembered for this process while the file's inode, size, mtime and ctime
+    stay the same: a checkpoint verified once (say by `--resume auto`) is not hashed again when it
+    is loaded. `progress(n)` is called with the bytes of every block read."""
+    import hashlib
+
+    before = _stat_key(os.stat(path))
+    if before in _DIGESTS:
+        return _DIGESTS[before]
+    h = hashlib.sha256()
+    buf = bytearray(min(block, max(before[2], 1)))
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if progress is not None:
+                progress(n)
+    digest = h.hexdigest()
+    if _stat_key(os.stat(path)) == before:  # not changed while it was read
+        _DIGESTS[before] = digest
+    return digest

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gptforge import cli
+from gptforge.checkpoint import write_sums
 from gptforge import config as C
 from gptforge.train.trainer import train
 
@@ -125,10 +126,10 @@ def test_flipped_header_byte_is_caught_on_open(tmp_path, data, gf):
     assert tree_digest(data) == before
 
 
-def test_flipped_payload_byte_is_caught_by_verify_training_reads_it(tmp_path, data, gf):
-    """A bit flipped inside the token payload keeps the size and header: only the sha256 of
-    `prepare --verify` sees it. Training's cheap checks on open do not hash (by design), so a run
-    trains on the one changed token id; verify before a long run."""
+def test_flipped_payload_byte_is_caught_by_verify_and_by_train(tmp_path, data, gf):
+    """A bit flipped inside the token payload keeps the size and header: only a sha256 sees it.
+    `prepare --verify` and training (before its first step) both hash; `--data.verify off`
+    trains on the one changed token id, as before."""
     shard = data / "train_000003.npy"
     off = header_len(shard)
     tokens = np.load(shard)
@@ -137,7 +138,11 @@ def test_flipped_payload_byte_is_caught_by_verify_training_reads_it(tmp_path, da
     before = tree_digest(data)
     p = run_cli("prepare", "--verify", str(data))
     assert_one_line_error(p, "prepare", "train_000003.npy", "sha256")
-    r = gf(*train_args(tmp_path / "r", data, steps=1))
+    fresh = tmp_path / "fresh-run"
+    assert_one_line_error(gf(*train_args(fresh, data)), "train", "train_000003.npy", "sha256",
+                          "--data.verify off")
+    assert not fresh.exists()  # stopped before the first step: no run dir, no metrics
+    r = gf(*train_args(tmp_path / "r", data, steps=1), "--data.verify", "off")
     assert r.returncode == 0, r.stderr
     assert tree_digest(data) == before
 
@@ -197,10 +202,11 @@ def cut_short(path: Path, keep: float = 0.5) -> None:
 
 
 def test_safetensors_cut_short_resume(run, shards_dir):
+    """An explicit --resume of it is an error (--resume auto falls back: see test_checksums.py)."""
     cut_short(latest(run) / "model.safetensors")
     before = tree_digest(run)
-    p = run_cli("train", "--resume", "auto", "--run.dir", str(run), "--run.max_steps", "5")  # a real process: exit 1
-    assert_one_line_error(p, "train", "step_000003/model.safetensors")
+    p = run_cli("train", "--resume", str(latest(run)), "--run.dir", str(run), "--run.max_steps", "5")  # a real process: exit 1
+    assert_one_line_error(p, "train", "step_000003/model.safetensors", "sha256")
     assert tree_digest(run) == before
 
 
@@ -242,6 +248,10 @@ def test_pickle_carrying_code_in_state_is_refused(run, tmp_path):
 
     marker = tmp_path / "pwned"
     evil_state(latest(run) / "state.pt", marker)
+    p = run_cli("train", "--resume", str(latest(run)), "--run.dir", str(run), "--run.max_steps", "5")
+    assert_one_line_error(p, "train", "step_000003/state.pt", "sha256")  # the sums catch it before any unpickling
+    assert not marker.exists(), "the pickle in state.pt was executed"
+    write_sums(latest(run))  # a deliberate tamperer rewrites the sums too: the safe loader still refuses
     before = tree_digest(run)
     p = run_cli("train", "--resume", "auto", "--run.dir", str(run), "--run.max_steps", "5")
     assert_one_line_error(p, "train", "step_000003/state.pt", "refused")
@@ -252,15 +262,19 @@ def test_pickle_carrying_code_in_state_is_refused(run, tmp_path):
 def test_state_pt_cut_short(run, gf):
     cut_short(latest(run) / "state.pt")
     before = tree_digest(run)
-    assert_one_line_error(gf("train", "--resume", "auto", "--run.dir", str(run)), "train", "step_000003/state.pt")
-    assert tree_digest(run) == before
+    assert_one_line_error(gf("train", "--resume", str(latest(run)), "--run.dir", str(run)), "train",
+                          "step_000003/state.pt", "sha256")
+    (latest(run) / "SHA256SUMS").unlink()  # a checkpoint from before the sums: torch.load's own error
+    r = gf("train", "--resume", str(latest(run)), "--run.dir", str(run))
+    assert r.returncode == 1 and "no SHA256SUMS" in r.stderr, r.stderr
+    assert "step_000003/state.pt: unreadable training state" in r.stderr.strip().splitlines()[-1]
 
 
 def test_torn_checkpoint_config_json(run, gf):
     cfg = latest(run) / "config.json"
     cfg.write_text(cfg.read_text()[:50])
     before = tree_digest(run)
-    assert_one_line_error(gf("train", "--resume", "auto", "--run.dir", str(run)), "train", "step_000003/config.json")
+    assert_one_line_error(gf("train", "--resume", str(latest(run)), "--run.dir", str(run)), "train", "step_000003/config.json")
     assert_one_line_error(gf("sample", str(latest(run)), "--device", "cpu"), "sample", "step_000003/config.json")
     assert tree_digest(run) == before
 

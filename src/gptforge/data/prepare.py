@@ -22,6 +22,13 @@ document: with a single document, val is empty.
 The options that shape the output (sources, the fingerprint of the input files, text field, split,
 strict, shard size, val tokens, tokenizer) are saved before any work; re-running with others into
 the same directory is an error unless `overwrite`. `workers` never changes the output.
+
+Local source paths are recorded portably (`portable_path`): relative to the output directory
+where the two share a directory below the filesystem root, else absolute with the home directory
+written `~`; so a dataset copied to another machine carries no path of the first one's home. They
+are for people to read: the fingerprint, not the recorded path, decides whether the inputs are the
+same, so moving the output directory (which changes the relative path) is not a change of options,
+and manifests written with absolute paths read as before.
 """
 
 from __future__ import annotations
@@ -216,9 +223,35 @@ def _encode_stream(chunks: Iterable[list[str]], pool, workers: int) -> Iterator[
 # the output directory: options, lock, state
 
 
-def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, split, strict) -> dict:
+def portable_path(path: str | os.PathLike, out: Path) -> str:
+    """A local path as a shareable dataset records it (see the module doc)."""
+    p, d = Path(path).expanduser().resolve(), Path(out).expanduser().resolve()
+    home = Path.home().resolve()
+    if p.is_relative_to(home) and not d.is_relative_to(home):
+        return str(Path("~") / p.relative_to(home))
+    try:
+        common = Path(os.path.commonpath([p, d]))
+    except ValueError:  # different drives
+        return str(p)
+    if common.parent != common:  # they share a directory below the root
+        return os.path.relpath(p, d)
+    return str(p)
+
+
+def _portable_spec(src: _src.Source, out: Path) -> str:
+    return src.spec if src.is_hf or src.spec == _src.STDLIB else portable_path(src.spec, out)
+
+
+def _same_options(old: dict | None, new: dict) -> bool:
+    """Equal but for the recorded source paths (the fingerprint covers the sources themselves)."""
+    if not isinstance(old, dict):
+        return False
+    return {k: v for k, v in old.items() if k != "sources"} == {k: v for k, v in new.items() if k != "sources"}
+
+
+def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, split, strict, out: Path) -> dict:
     return {
-        "sources": [s.spec for s in srcs],
+        "sources": [_portable_spec(s, out) for s in srcs],
         "inputs_sha256": _src.fingerprint(srcs),
         "text_field": text_field,
         "split": split,
@@ -234,10 +267,10 @@ def _diff(old: dict, new: dict) -> str:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
+        if a == b or (key == "sources" and old.get("inputs_sha256") == new.get("inputs_sha256")):
+            continue  # the same inputs, recorded from another place
         if key == "inputs_sha256":
-            out.append("the input files changed (size or modification time)")
+            out.append("the input files changed (size, modification time or place)")
         else:
             ra, rb = repr(a), repr(b)
             out.append(f"{key} {ra[:60]} -> {rb[:60]}")
@@ -288,7 +321,7 @@ def _finished(out: Path, options: dict, overwrite: bool) -> dict | None:
     if (out / shards.MANIFEST).exists():
         manifest = _read_json(out / shards.MANIFEST)
         old = manifest.get("options") if isinstance(manifest, dict) else None
-        if old != options:
+        if not _same_options(old, options):
             raise OptionsMismatch(
                 f"{out}: already holds shards prepared with other options ({_diff(old or {}, options)}); "
                 "pass --overwrite to replace them"
@@ -303,7 +336,7 @@ def _finished(out: Path, options: dict, overwrite: bool) -> dict | None:
     if (out / STATE).exists():
         state = _read_json(out / STATE)
         old = state.get("options") if isinstance(state, dict) else None
-        if old != options:
+        if not _same_options(old, options):
             raise OptionsMismatch(
                 f"{out}: holds an unfinished preparation with other options ({_diff(old or {}, options)}); "
                 "re-run that command to finish it, or pass --overwrite"
@@ -391,7 +424,9 @@ def _tokenize(srcs, parts: Path, options: dict, workers: int, progress: bool) ->
             f"no documents found in {', '.join(options['sources'])} ({stats.files_read} files read{skipped}, "
             f"{stats.empty} empty documents)"
         )
-    layout = {"parts": sizes, "stats": stats.to_dict()}
+    st = stats.to_dict()
+    st["skipped_files"] = [f"{portable_path(f, parts.parent)}: {why}" for f, why in stats.skipped[: len(st["skipped_files"])]]
+    layout = {"parts": sizes, "stats": st}
     layout.update(_val_boundary(parts, sizes, options, stats.documents))
     shards.write_json(parts / LAYOUT, layout)
     return layout
@@ -531,9 +566,10 @@ def prepare(
     """
     _check_args(sources, shard_tokens, val_tokens, workers, text_field)
     srcs = _src.resolve_all(sources)
-    options = _options(srcs, shard_tokens=shard_tokens, val_tokens=val_tokens, text_field=text_field, split=split, strict=strict)
-    workers = workers or default_workers()
     out = Path(out_dir).expanduser()
+    options = _options(srcs, shard_tokens=shard_tokens, val_tokens=val_tokens, text_field=text_field, split=split,
+                       strict=strict, out=out)
+    workers = workers or default_workers()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -5,9 +5,14 @@ RUN_DIR/checkpoints/step_NNNNNN/
     config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, ...}
     state.pt            optimizer, scaler, schedule, every RNG state, loader position; plain
                         tensors/containers only, so it loads with torch.load(weights_only=True)
+    SHA256SUMS          the sha256 of the three files above, written last (see gptforge.checkpoint)
 
 A checkpoint directory only ever appears under its final name complete (temp dir, fsync,
-rename), so `--resume auto` can trust any `step_*` directory it finds.
+rename), so `--resume auto` can trust any `step_*` directory it finds to be whole; its sums say
+whether it is still what was written. `--resume auto` takes the newest checkpoint that matches
+them, warning about (and keeping) every newer one that does not; an explicit `--resume DIR`
+of a damaged checkpoint is an error. A damaged checkpoint is never deleted: where a later save
+would replace or prune it, it is renamed `step_N.damaged` instead.
 """
 
 from __future__ import annotations
@@ -18,19 +23,25 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from gptforge.checkpoint import CONFIG, WEIGHTS, load_state_checked, read_config, write_model_files
+from gptforge.checkpoint import (
+    CONFIG, SUMS, WEIGHTS, ChecksumError, load_state_checked, read_config, verify_dir, verify_files, write_model_files,
+    write_sums,
+)
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import TMP_PREFIX, atomic_dir, remove_stale_tmp
 from gptforge.model import GPT, GPTConfig
 
 STATE = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+DAMAGED = ".damaged"  # suffix of a damaged checkpoint moved aside (never resumed from, never deleted)
+_DAMAGED_SEEN: set[str] = set()  # checkpoints `--resume auto` skipped in this process
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -89,7 +100,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     newest checkpoint; a checkpoint dir -> itself."""
     if resume == "auto":
         finish_interrupted_swaps(checkpoints_dir(run_dir))
-        return latest_checkpoint(run_dir)
+        return newest_intact_checkpoint(run_dir)
     p = Path(resume)
     if (p / STATE).is_file():
         return p
@@ -99,6 +110,46 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
             raise GPTForgeError(f"--resume {resume}: the run directory has no complete checkpoint")
         return latest
     raise GPTForgeError(f"--resume {resume}: not a checkpoint directory (with {STATE}) nor a run directory")
+
+
+def _warn(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one printer under torchrun
+        print(f"gptforge: warning: {msg}", file=sys.stderr)
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match its SHA256SUMS, warning about each newer one that
+    does not (left where it is). None if the run has no checkpoint; an error if none is intact."""
+    bad = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_dir(path)
+        except ChecksumError as e:
+            bad.append(str(e))
+            _DAMAGED_SEEN.add(str(path.resolve()))
+            _warn(f"skipping damaged checkpoint {path.name}: {e}; it is left in place")
+            continue
+        if bad:
+            _warn(f"resuming from {path.name}, the newest intact checkpoint")
+        return path
+    if bad:
+        raise GPTForgeError(f"--resume auto: no intact checkpoint in {checkpoints_dir(run_dir)}: {bad[0]}"
+                            + (f" (and {len(bad) - 1} more damaged)" if len(bad) > 1 else ""))
+    return None
+
+
+def _set_aside_if_damaged(path: Path) -> bool:
+    """A checkpoint that `--resume auto` found damaged is renamed step_N.damaged, not deleted."""
+    if str(path.resolve()) not in _DAMAGED_SEEN:
+        return False
+    aside = path.with_name(path.name + DAMAGED)
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}{DAMAGED}.{n}"), n + 1
+    os.rename(path, aside)
+    _DAMAGED_SEEN.discard(str(path.resolve()))
+    _warn(f"kept the damaged checkpoint {path.name} as {aside.name}")
+    return True
 
 
 def save_checkpoint(
@@ -124,9 +175,13 @@ def save_checkpoint(
         write_model_files(tmp, model_state, model.config, extra)
         writing[0] = tmp / STATE
         _torch_save(train_state, tmp / STATE)
+        writing[0] = tmp / SUMS
+        write_sums(tmp)
         writing[0] = final  # what is left: fsync and rename
 
     try:
+        if final.exists():
+            _set_aside_if_damaged(final)
         if not final.exists():
             with atomic_dir(final) as tmp:
                 write(tmp)
@@ -145,7 +200,8 @@ def save_checkpoint(
             + (f"the previous checkpoint {kept.name} is intact" if kept else "no earlier checkpoint exists")
         ) from e
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if not _set_aside_if_damaged(old):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -197,6 +253,7 @@ def finish_interrupted_swaps(ckdir: Path) -> None:
 def load_train_state(ckpt: Path) -> dict:
     """state.pt through the safe unpickler: tensors and plain containers only, never code."""
     path = ckpt / STATE
+    verify_files(ckpt, (STATE,))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:

@@ -86,12 +86,16 @@ class Trainer:
         from gptforge.data.loader import ShardLoader
         from gptforge.train import fit, weights
 
+        data_dir = resolve_data_dir(cfg, self.env)
+        from gptforge.data import verify  # hashes in the background while the model is built
+
+        shard_check = verify.start(data_dir, enabled=cfg.data.verify, hashes_here=self.env.local_rank == 0,
+                                   progress=progress and self.env.is_main)
         # random init, --resume's architecture, or model.init_from: one place (train/weights.py)
         model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env)
         self.model = model.to(self.rt.device)  # the raw module: saved, evaluated, sampled
         gpt_config = self.model.config
         self.seq_len = weights.seq_len_for(cfg, gpt_config)
-        data_dir = resolve_data_dir(cfg, self.env)
         # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision,
                                         activation_checkpointing=cfg.run.activation_checkpointing)
@@ -118,6 +122,8 @@ class Trainer:
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
+        shard_check.wait(agree=None if not self.env.enabled else lambda ok: distrib.all_reduce_mean(
+            torch.tensor(float(ok), device=self.rt.device), self.env).item() == 1.0)  # every rank stops on a bad shard
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
