@@ -157,3 +157,55 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.device, self.precision)
+
+    def lm_head_chunks(self, padded_vocab: int) -> tuple[int, int]:
+        return lm_head_chunks(self.device, padded_vocab)
+
+
+# --------------------------------------------------------------------------- the LM-head loss
+# The fused LM-head loss (model.LinearCrossEntropy, and the per-token losses of evaluation) goes
+# through the rows in chunks: one matmul per chunk, then a few elementwise passes over its
+# logits. On a CPU the chunk is a few tens of MB and the elementwise passes walk it in blocks
+# that stay in cache (8 MB of fp32). On a GPU every op is a kernel launch, so the chunk is large
+# (a small share of the GPU's memory, at most 2 GiB of fp32 logits) and is one block: a handful
+# of big kernels per micro-batch, never thousands of small ones.
+CPU_CHUNK_BYTES = 64 << 20  # fp32 logits per matmul chunk on a CPU
+CPU_BLOCK_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32
+GPU_CHUNK_BYTES = 2 << 30  # fp32 logits per chunk on a GPU, at most ...
+GPU_CHUNK_SHARE = 32  # ... and at most 1/32 of its memory (the chunk's peak is ~1.5x that)
+
+
+def lm_head_chunks(device: torch.device, padded_vocab: int) -> tuple[int, int]:
+    """(rows per matmul chunk, rows per elementwise block) of the fused LM-head loss here."""
+    if device.type == "cuda":
+        budget = min(GPU_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // GPU_CHUNK_SHARE)
+        rows = max(1, budget // (4 * padded_vocab))
+        return rows, rows
+    return max(1, CPU_CHUNK_BYTES // (4 * padded_vocab)), max(1, CPU_BLOCK_ELEMENTS // padded_vocab)
+
+
+# bytes per logit the plain path (logits + F.cross_entropy) holds at its peak under torch.compile:
+# the logits in the autocast dtype, their fp32 log-softmax / gradient and the cast gradient
+PLAIN_BYTES_PER_LOGIT = 10
+PLAIN_MEMORY_SHARE = 4  # the plain path is allowed at most 1/4 of the GPU's memory for it
+
+
+def choose_lm_head_loss(choice: str, device: torch.device, compiled: bool, rows: int, padded_vocab: int) -> tuple[bool, str]:
+    """(fused?, why) for run.lm_head_loss: fused (chunked, no (B, T, V) logits), plain (logits +
+    F.cross_entropy) or auto. auto is fused on CPUs (measured faster: the `fused_loss` rung of
+    gptforge bench) and on GPUs without compile (the eager plain path holds ~14 bytes per logit);
+    on a GPU with compile, whose fusion of the plain path nobody has measured against the fused
+    one yet, it is plain while that fits in a quarter of the GPU's memory, else fused."""
+    if choice in ("fused", "plain"):
+        return choice == "fused", "run.lm_head_loss"
+    if device.type != "cuda":
+        return True, f"auto: fused on {device.type} (faster there: gptforge bench, rung fused_loss)"
+    if not compiled:
+        return True, "auto: fused on CUDA without compile (the eager plain path keeps fp32 copies of the logits)"
+    need = rows * padded_vocab * PLAIN_BYTES_PER_LOGIT
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need * PLAIN_MEMORY_SHARE > total:
+        return True, (f"auto: fused, the plain path's logits would take ~{need / 2**30:.1f} GiB, over 1/{PLAIN_MEMORY_SHARE} "
+                      f"of the GPU's {total / 2**30:.0f} GiB")
+    return False, (f"auto: plain under compile (its logits take ~{need / 2**30:.1f} GiB of {total / 2**30:.0f} GiB; "
+                   "GPU speed of either path unmeasured: gptforge bench, rung fused_loss)")

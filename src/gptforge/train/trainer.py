@@ -18,7 +18,7 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, seq_len_of
-from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
+from gptforge.device import Runtime, choose_lm_head_loss, peak_tflops, seed_everything, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
@@ -108,10 +108,13 @@ class Trainer:
             self.restore(self.resume_from)
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
-        # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
-        # memory cost as much as the matmuls. Its cache-sized row blocks are a Python loop, which
-        # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
-        self.fused_loss = self.rt.device.type == "cpu"
+        # The fused LM-head + loss (chunked: no (B, T, V) logits, see model.LinearCrossEntropy) or
+        # the plain logits + cross_entropy: chosen per device (device.choose_lm_head_loss), with
+        # row chunks sized per device (cache-sized on CPUs, a handful of big ones on GPUs).
+        self.fused_loss, self.loss_path = choose_lm_head_loss(
+            cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, cfg.optim.micro_batch_size * self.seq_len,
+            gpt_config.padded_vocab_size)
+        self.loss_rows = self.rt.lm_head_chunks(gpt_config.padded_vocab_size)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
         self.tracker = None
@@ -182,7 +185,8 @@ class Trainer:
             x, y = self.loader.next_batch()
             last = micro == plan.grad_accum_steps - 1
             with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y, return_logits=not self.fused_loss)
+                _, loss = self.train_model(x, y, return_logits=not self.fused_loss,
+                                           loss_rows=self.loss_rows[0], loss_block_rows=self.loss_rows[1])
                 loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
@@ -324,6 +328,7 @@ class Trainer:
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
             f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
+            f"LM-head loss {'fused, chunks of ' + str(self.loss_rows[0]) + ' rows' if self.fused_loss else 'plain'} ({self.loss_path})",
         ]
         return "\n".join(lines)
 
