@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -85,11 +86,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# Dense peak FLOP/s (no sparsity) per GPU and dtype, in TFLOP/s: the MFU denominator.
+# Dense peak FLOP/s (no sparsity) per GPU and dtype, in TFLOP/s: the MFU denominator. From
+# NVIDIA's data sheets, whose tensor-core figures are "with sparsity" (halved here). Keys are
+# matched as whole words of torch.cuda.get_device_name(), the more specific first (see
+# gpu_table_key): "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100
+# NVL" are not, and "NVIDIA L40S" is no L4.
 GPU_PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},  # SXM
+    "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "GH200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},  # SXM
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
     "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
@@ -100,16 +108,21 @@ GPU_PEAK_TFLOPS = {
 }
 
 
+def gpu_table_key(name: str) -> str | None:
+    """The GPU_PEAK_TFLOPS entry of a device name, or None. A key matches when each of its words
+    is a whole word of the name (case-insensitive; "-" and "_" separate words too); the key with
+    the most words wins, so a variant beats its base part."""
+    words = set(re.split(r"[\s\-_/()]+", name.lower()))
+    hits = [k for k in GPU_PEAK_TFLOPS if all(w in words for w in k.lower().split())]
+    return max(hits, key=lambda k: (len(k.split()), len(k))) if hits else None
+
+
 def gpu_peak_tflops(device: torch.device, precision: str) -> float | None:
-    """Look the device name up in the table (longest matching key wins); None if unknown."""
-    name = torch.cuda.get_device_name(device)
-    matches = [k for k in GPU_PEAK_TFLOPS if k.lower() in name.lower()]
-    if "H100" in name and ("PCIe" in name or "PCIE" in name):
-        matches = ["H100 PCIe"]
-    if not matches:
+    """The table's dense peak of this GPU and precision; None if the GPU is not in it."""
+    key = gpu_table_key(torch.cuda.get_device_name(device))
+    if key is None:
         return None
-    peak = GPU_PEAK_TFLOPS[max(matches, key=len)][precision]
-    return peak or None
+    return GPU_PEAK_TFLOPS[key][precision] or None
 
 
 def measure_matmul_tflops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:

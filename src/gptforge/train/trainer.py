@@ -194,7 +194,7 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         distrib.all_reduce_mean(loss_sum, self.env)
-        loss_value, norm_value = loss_sum.item(), distrib.grad_norm_value(grad_norm)
+        loss_value, norm_value = distrib.host_values(loss_sum, grad_norm)  # the step's one sync before its end
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
         skip_reason = self.guard.observe(loss_value, norm_value) if self.guard is not None else None
