@@ -185,7 +185,8 @@ class Runtime:
 CPU_CHUNK_BYTES = 64 << 20  # fp32 logits per matmul chunk on a CPU
 CPU_BLOCK_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32
 GPU_CHUNK_BYTES = 2 << 30  # fp32 logits per chunk on a GPU, at most ...
-GPU_CHUNK_SHARE = 32  # ... and at most 1/32 of its memory (the chunk's peak is ~1.5x that)
+GPU_CHUNK_SHARE = 32  # ... and at most 1/32 of its memory (a chunk's working set in bf16 is ~2.5x
+#                        that: its logits, their fp32 copy and one fp32 temporary)
 
 
 def lm_head_chunks(device: torch.device, padded_vocab: int) -> tuple[int, int]:

@@ -262,9 +262,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_sizes(rows: int, block_rows: int, padded_vocab: int) -> tuple[int, int]:
-    """(rows per matmul chunk, rows per elementwise block): 0 = the defaults."""
+    """(rows per matmul chunk, rows per elementwise block); 0 = the defaults (a CPU's sizes)."""
     rows = rows if rows > 0 else max(1, LinearCrossEntropy.CHUNK_ELEMENTS // padded_vocab)
-    return rows, min(rows, block_rows) if block_rows > 0 else rows
+    block_rows = block_rows if block_rows > 0 else max(1, LinearCrossEntropy.ROWS_ELEMENTS // padded_vocab)
+    return rows, min(rows, block_rows)
 
 
 def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale=None) -> torch.Tensor:
