@@ -4,12 +4,15 @@ against the fused, chunked one (model.LinearCrossEntropy) with this device's chu
 (device.lm_head_chunks), in fp32 and bf16 autocast; time and peak memory of each.
 
 The implementations alternate round after round in one process, and the table shows the
-fastest round of each (on a shared machine, the least disturbed), so the ratio is side by side.
+fastest round of each, so the ratio is side by side. On a CPU the time is this process's CPU
+time (time.process_time), which a shared machine disturbs far less than wall time; run it with
+OMP_NUM_THREADS=1 there. On a GPU, wall time around synchronize.
 Peak memory: CUDA max_memory_allocated; on a CPU the growth of peak RSS is not separable per
 implementation in one process, so only time is shown there (see tests/test_lm_head.py for the
 CPU memory bound of evaluation).
 
-    python benchmarks/bench_lm_head.py                          # B*T = 4*256 rows, C = 384 (tiny)
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_head.py        # B*T = 4*256 rows, C = 384 (tiny)
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_head.py --rows 4096   # the tiny config's 16 x 256
     python benchmarks/bench_lm_head.py --rows 65536 --dim 768   # the 124M config's micro-batch, on a GPU
 """
 
@@ -67,11 +70,12 @@ def main() -> None:
             for kind in times:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                clock = time.perf_counter if device.type == "cuda" else time.process_time
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 step(kind, x, w, t, dtype, chunks)
                 synchronize(device)
-                times[kind].append(time.perf_counter() - t0)
+                times[kind].append(clock() - t0)
                 if device.type == "cuda":
                     peaks[kind] = torch.cuda.max_memory_allocated(device) / 2**20
         for kind, ts in times.items():

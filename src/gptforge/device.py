@@ -178,11 +178,12 @@ class Runtime:
 # --------------------------------------------------------------------------- the LM-head loss
 # The fused LM-head loss (model.LinearCrossEntropy, and the per-token losses of evaluation) goes
 # through the rows in chunks: one matmul per chunk, then a few elementwise passes over its
-# logits. On a CPU the chunk is a few tens of MB and the elementwise passes walk it in blocks
-# that stay in cache (8 MB of fp32). On a GPU every op is a kernel launch, so the chunk is large
+# logits. On a CPU the chunk is 256 MB of fp32 logits (smaller ones cost more in bf16: each adds
+# a (V, C) matmul output to the fp32 weight gradient; benchmarks/bench_lm_head.py) and the
+# elementwise passes walk it in blocks that stay in cache (8 MB of fp32). On a GPU every op is a kernel launch, so the chunk is large
 # (a small share of the GPU's memory, at most 2 GiB of fp32 logits) and is one block: a handful
 # of big kernels per micro-batch, never thousands of small ones.
-CPU_CHUNK_BYTES = 64 << 20  # fp32 logits per matmul chunk on a CPU
+CPU_CHUNK_BYTES = 256 << 20  # fp32 logits per matmul chunk on a CPU
 CPU_BLOCK_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32
 GPU_CHUNK_BYTES = 2 << 30  # fp32 logits per chunk on a GPU, at most ...
 GPU_CHUNK_SHARE = 32  # ... and at most 1/32 of its memory (a chunk's working set in bf16 is ~2.5x

@@ -196,7 +196,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     ROWS_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32, cache-sized
-    CHUNK_ELEMENTS = 1 << 24  # logits per matmul chunk when the caller does not say: 64 MB of fp32
+    CHUNK_ELEMENTS = 1 << 26  # logits per matmul chunk when the caller does not say: 256 MB of fp32
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0):
@@ -215,16 +215,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             count = valid.sum()
             t = targets.clamp(min=0).unsqueeze(1)  # (N, 1)
             grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device) if store and need_x else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if store and need_w else None
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if store and need_w else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
             for a in range(0, N, rows):
                 b = min(N, a + rows)
                 logits = x[a:b] @ weight.t()  # (n, V_padded): becomes the chunk's gradient
                 loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store)
-                if grad_x is not None:
-                    grad_x[a:b] = logits @ weight  # (n, C)
-                if grad_w is not None:
-                    grad_w += logits.t() @ x[a:b]  # (V_padded, C)
+                if store:
+                    _add_chunk_grads(logits, x[a:b], weight, grad_x, grad_w, a)
+                del logits  # before the next chunk's matmul: one chunk alive at a time
+        ctx.backward_done = False
         ctx.sizes, ctx.recompute = (vocab, rows, block_rows), recompute
         if recompute:
             ctx.save_for_backward(x, weight, targets, count)
@@ -235,10 +235,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if not ctx.recompute:
+            if ctx.backward_done:  # the buffers below are scaled in place
+                raise RuntimeError("LinearCrossEntropy: backward through the same loss twice is not supported")
+            ctx.backward_done = True
             grad_x, grad_w, count = ctx.saved_tensors  # sums of (softmax - one-hot) products
             scale = grad_loss.float() / count
-            gx = (grad_x * scale).to(ctx.dtypes[0]) if grad_x is not None else None
-            gw = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
+            gx = grad_x.mul_(scale).to(ctx.dtypes[0]) if grad_x is not None else None
+            gw = grad_w.mul_(scale).to(ctx.dtypes[1]) if grad_w is not None else None
             return gx, gw, None, None, None, None
         x, weight, targets, count = ctx.saved_tensors  # fp16: recompute, scaled before the cast
         vocab, rows, block_rows = ctx.sizes
@@ -248,17 +251,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             valid, t = targets != -1, targets.clamp(min=0).unsqueeze(1)
             gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+            gw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
             for a in range(0, N, rows):
                 b = min(N, a + rows)
                 logits = x[a:b] @ weight.t()
                 _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale)
-                if gx is not None:
-                    gx[a:b] = logits @ weight
-                if gw is not None:
-                    gw += logits.t() @ x[a:b]
+                _add_chunk_grads(logits, x[a:b], weight, gx, gw, a)
+                del logits
         return (gx.to(ctx.dtypes[0]) if gx is not None else None,
                 gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None)
+
+
+def _add_chunk_grads(g, x, weight, grad_x, grad_w, a: int) -> None:
+    """grad_x[a:a+n] = g @ weight and grad_w (+)= g.T @ x for the chunk at row a with gradient g
+    (n, V_padded): straight into the fp32 buffers where the dtypes allow (fp32), else through a
+    cast; the first chunk writes grad_w, later ones add to it."""
+    if grad_x is not None:
+        if g.dtype == grad_x.dtype:
+            torch.mm(g, weight, out=grad_x[a : a + g.size(0)])  # (n, C)
+        else:
+            grad_x[a : a + g.size(0)] = g @ weight
+    if grad_w is not None:
+        if g.dtype == grad_w.dtype:
+            torch.mm(g.t(), x, out=grad_w) if a == 0 else grad_w.addmm_(g.t(), x)  # (V_padded, C)
+        elif a == 0:
+            grad_w.copy_(g.t() @ x)
+        else:
+            grad_w += g.t() @ x
 
 
 def _chunk_sizes(rows: int, block_rows: int, padded_vocab: int) -> tuple[int, int]:
@@ -281,7 +300,8 @@ def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale
         if grad:
             z.sub_(lse.unsqueeze(1)).exp_()  # softmax
             z.scatter_add_(1, t[a:b], -torch.ones_like(z[:, :1]))  # - one-hot
-            z.mul_(valid[a:b, None] if scale is None else valid[a:b, None] * scale)  # ignored rows: 0
+            keep = valid[a:b, None].to(z.dtype)  # (n, 1): ignored rows get no gradient
+            z.mul_(keep if scale is None else keep * scale)
             if z.data_ptr() != block.data_ptr():
                 block[:, :vocab].copy_(z)
             block[:, vocab:].zero_()  # padded columns: never a prediction
@@ -303,6 +323,7 @@ def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_ro
             for i in range(0, logits.size(0), block_rows):
                 z = logits[i : i + block_rows, :vocab].float()  # (m, V)
                 out.append(F.cross_entropy(z, targets[a + i : a + i + z.size(0)], ignore_index=-1, reduction="none"))
+            del logits, z  # before the next chunk's matmul: one chunk alive at a time
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float32)
 
 
