@@ -15,31 +15,48 @@ import torch
 from gptforge import config as C
 from gptforge.device import Runtime, choose_lm_head_loss, lm_head_chunks
 
-# A subprocess (a clean peak RSS): nano GPT (vocabulary 50257), evaluation losses of one batch of
+# A subprocess (its own memory, peak anonymous RSS sampled by a thread): nano GPT (vocabulary 50257), evaluation losses of one batch of
 # `rows` tokens through evaluate_loss's token_losses, then the same batch through the plain path
 # (logits + F.cross_entropy) as a control that the measurement sees (B, T, V) fp32 tensors.
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys, threading, time
     import torch, torch.nn.functional as F
     from gptforge.device import Runtime
     from gptforge.eval.perplexity import token_losses
     from gptforge.model import GPT, preset
+
+    def anon():  # resident anonymous memory: the heap and mmap'ed tensors, not the libraries' pages
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    class Peak:  # the highest RssAnon while a block runs, sampled every millisecond
+        def __enter__(self):
+            self.base = self.top = anon()
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+            return self
+        def sample(self):
+            while not self.stop.wait(0.001):
+                self.top = max(self.top, anon())
+        def __exit__(self, *exc):
+            self.stop.set(); self.thread.join(); self.top = max(self.top, anon())
+
     torch.set_num_threads(1)
     B, T = int(sys.argv[1]), 64
     model = GPT(preset("nano")).eval()
     rt = Runtime(torch.device("cpu"), "fp32")
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 50257, (B, T), generator=g) for _ in range(2))
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)
     with torch.no_grad():
         token_losses(model, x[:1], y[:1], rt)  # warm-up: allocator, kernels
-        base = peak()
-        fused = token_losses(model, x, y, rt)
-        after_fused = peak()
-        logits, _ = model(x)
-        plain = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        after_plain = peak()
-    print(json.dumps({"fused": after_fused - base, "plain": after_plain - base,
+        with Peak() as fused_peak:
+            fused = token_losses(model, x, y, rt)
+        with Peak() as plain_peak:
+            logits, _ = model(x)
+            plain = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+            del logits
+    print(json.dumps({"fused": fused_peak.top - fused_peak.base, "plain": plain_peak.top - plain_peak.base,
                       "diff": float((fused.reshape(-1) - plain).abs().max())}))
 """)
 
@@ -51,7 +68,7 @@ def test_evaluation_memory_does_not_grow_with_batch_x_seq_len_x_vocab(tmp_path):
     logits and their log-softmax."""
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
-    # glibc: every large block mmap'ed, so a freed chunk leaves the RSS and the peak is what was live
+    # glibc: every large block mmap'ed, so a freed chunk leaves the resident set at once
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     got = {}
     for B in (32, 64):
