@@ -400,7 +400,7 @@ def format_table(report: dict) -> str:
         mfu = None if r["mfu"] is None else r["mfu"] * 100
         lines.append(
             f"{r['name']:<12} {_f(r['tokens_per_s'], ',.0f', 12)} {_f(r['step_ms'], '.1f', 10)} {_f(mfu, '.1f', 6)}%"
-            f" {_f(r['peak_mem_mb'], '.0f', 9)} {_f(r['speedup'], '.2f', 7)}x {_f(r['compile_s'], '.1f', 10)}  {r['reason']}"
+            f" {_f(r['peak_mem_mb'], '.0f', 9)} {_f(r['speedup'], '.2f', 7)}{'x' if r['speedup'] else ' '} {_f(r['compile_s'], '.1f', 10)}  {r['reason']}"
         )
     lines.append(f"MFU against {report['peak_tflops']:.3f} TFLOP/s: {report['peak_source']}; peak memory: {report['memory']}")
     return "\n".join(lines)
