@@ -10,7 +10,7 @@ from gptforge.bench import LADDER, BenchArgs, format_table, resolve_args
 from gptforge.commands.bench import main
 from gptforge.errors import GPTForgeError
 
-RUNGS = ["fp32", "tf32", "bf16", "flash", "pad_vocab", "compile", "fused_adamw"]
+RUNGS = ["fp32", "tf32", "bf16", "flash", "pad_vocab", "compile", "fused_adamw", "fused_loss"]
 
 
 @pytest.mark.slow
@@ -35,7 +35,9 @@ def test_ladder_on_cpu_reports_every_rung(tmp_path, capsys):
     # the configs are cumulative: the last rung has everything that ran before it
     last = by["fused_adamw"]["config"]
     assert last["optim.fused"] == "on" and last["model.attention"] == "flash" and last["model.pad_vocab"] == "true"
-    assert last["run.precision"] == "bf16"
+    assert last["run.precision"] == "bf16" and last["run.lm_head_loss"] == "plain"
+    assert by["fused_loss"]["status"] == "ok" and by["fused_loss"]["config"]["run.lm_head_loss"] == "fused"
+    assert by["fused_loss"]["config"]["optim.fused"] == "on"
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     printed = capsys.readouterr().out

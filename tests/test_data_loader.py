@@ -264,3 +264,19 @@ def test_cuda_batches_are_pinned_and_equal(data):
         (a, b), (c, d) = cpu.next_batch(), gpu.next_batch()
         assert c.device.type == "cuda" and torch.equal(a, c.cpu()) and torch.equal(b, d.cpu())
     gpu.close()
+
+
+def test_prefetch_thread_makes_the_loaders_gpu_its_current_device(data, monkeypatch):
+    """The current CUDA device is per thread: the prefetch thread sets the loader's GPU before
+    it pins or copies anything (else its buffers land on GPU 0, whatever the rank)."""
+    import threading
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append((threading.current_thread().name, torch.device(d))))
+    ld = ShardLoader(data, batch_size=4, seq_len=16, device="cuda:1", prefetch=2)
+    # no GPU here: the batch stays on the host; only the thread's set-up is under test
+    monkeypatch.setattr(ld, "_to_device", lambda x, y: (torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))))
+    x, _ = ld.next_batch()
+    ld.close()
+    assert x.shape == (4, 16)
+    assert seen == [("gptforge-prefetch", torch.device("cuda", 1))]

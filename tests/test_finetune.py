@@ -226,7 +226,7 @@ def test_auto_trajectory_equals_the_chosen_size_given(shards_dir, tmp_path, caps
 
 def test_auto_under_a_tight_budget_and_resume_keeps_the_choice(shards_dir, tmp_path, monkeypatch, capsys):
     nano = GPT(preset("nano", dropout=0.1))
-    per_seq = fit.saved_bytes_per_sequence(nano, nano, _cpu_fp32(), SEQ, False) * fit.BACKWARD_FACTOR
+    per_seq = fit.saved_bytes_per_sequence(nano, nano, _cpu_fp32(), SEQ, {"return_logits": False}) * fit.BACKWARD_FACTOR
     available = 16 * 2**30
     monkeypatch.setattr(fit, "available_ram", lambda: available)  # not what other processes do meanwhile
     params = sum(p.numel() * 4 for p in nano.parameters())

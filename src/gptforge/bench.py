@@ -1,7 +1,7 @@
 """The seed's speed ladder: the same model and batch, each rung adding one thing.
 
     fp32 -> tf32 -> bf16 autocast -> + flash attention -> + vocab padded to 50304
-         -> + torch.compile -> + fused AdamW
+         -> + torch.compile -> + fused AdamW -> + fused LM-head loss
 
 Every rung builds a `Trainer` with that rung's config over a synthetic shard directory of random
 tokens (written once with the data package's shard writer) and times `Trainer.train_step()`: the
@@ -52,7 +52,7 @@ class Rung:
 
 # The base every rung starts from; each rung then adds its overrides on top of those before it.
 BASE = {"run.precision": "fp32", "model.attention": "manual", "model.pad_vocab": "false",
-        "run.compile": "false", "optim.fused": "off"}
+        "run.compile": "false", "optim.fused": "off", "run.lm_head_loss": "plain"}
 LADDER = (
     Rung("fp32", "fp32, manual attention, vocab 50257, eager, for-each AdamW", {}),
     Rung("tf32", "TF32 matmuls", {"run.precision": "tf32"}),
@@ -61,6 +61,9 @@ LADDER = (
     Rung("pad_vocab", "vocabulary padded 50257 -> 50304", {"model.pad_vocab": "true"}),
     Rung("compile", "torch.compile", {"run.compile": "true"}),
     Rung("fused_adamw", "fused AdamW", {"optim.fused": "on"}),
+    # the rung that decides run.lm_head_loss auto (device.choose_lm_head_loss): chunked LM head +
+    # loss, no (B, T, V) logits, against the plain logits + cross_entropy of every rung before
+    Rung("fused_loss", "fused LM-head loss (chunked rows, no (B, T, V) logits)", {"run.lm_head_loss": "fused"}),
 )
 
 
@@ -334,7 +337,7 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
             except GPTForgeError:
                 raise
             except Exception as e:  # a rung that cannot run here (a compiler error, say): n/a, said why
-                if rung.name not in ("compile", "fused_adamw"):
+                if rung.name not in ("compile", "fused_adamw", "fused_loss"):
                     raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 res.status, res.reason = "n/a", f"failed on this machine: {type(e).__name__}: {first[:200]}"
@@ -397,7 +400,7 @@ def format_table(report: dict) -> str:
         mfu = None if r["mfu"] is None else r["mfu"] * 100
         lines.append(
             f"{r['name']:<12} {_f(r['tokens_per_s'], ',.0f', 12)} {_f(r['step_ms'], '.1f', 10)} {_f(mfu, '.1f', 6)}%"
-            f" {_f(r['peak_mem_mb'], '.0f', 9)} {_f(r['speedup'], '.2f', 7)}x {_f(r['compile_s'], '.1f', 10)}  {r['reason']}"
+            f" {_f(r['peak_mem_mb'], '.0f', 9)} {_f(r['speedup'], '.2f', 7)}{'x' if r['speedup'] else ' '} {_f(r['compile_s'], '.1f', 10)}  {r['reason']}"
         )
     lines.append(f"MFU against {report['peak_tflops']:.3f} TFLOP/s: {report['peak_source']}; peak memory: {report['memory']}")
     return "\n".join(lines)

@@ -107,6 +107,7 @@ class RunArgs:
     hellaswag_every: int = 0  # steps between HellaSwag evaluations (0 = off)
     hellaswag_path: str = ""  # HellaSwag jsonl for in-training evaluation
     max_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0 = no limit
+    lm_head_loss: str = "auto"  # auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see device.choose_lm_head_loss
 
 
 @dataclass
@@ -305,6 +306,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"run.precision must be one of {', '.join(PRECISIONS + ('auto',))}, got {r.precision!r}")
     if r.log not in ("none", "wandb", "tensorboard"):
         p.append(f"run.log must be none, wandb or tensorboard, got {r.log!r}")
+    if r.lm_head_loss not in ("auto", "fused", "plain"):
+        p.append(f"run.lm_head_loss must be auto, fused or plain, got {r.lm_head_loss!r}")
     if r.dist not in ("ddp", "fsdp"):
         p.append(f"run.dist must be ddp or fsdp, got {r.dist!r}")
     if not r.dir:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -85,11 +86,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# Dense peak FLOP/s (no sparsity) per GPU and dtype, in TFLOP/s: the MFU denominator.
+# Dense peak FLOP/s (no sparsity) per GPU and dtype, in TFLOP/s: the MFU denominator. From
+# NVIDIA's data sheets, whose tensor-core figures are "with sparsity" (halved here). Keys are
+# matched as whole words of torch.cuda.get_device_name(), the more specific first (see
+# gpu_table_key): "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100
+# NVL" are not, and "NVIDIA L40S" is no L4.
 GPU_PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},  # SXM
+    "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "GH200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},  # SXM
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
     "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
@@ -100,16 +108,21 @@ GPU_PEAK_TFLOPS = {
 }
 
 
+def gpu_table_key(name: str) -> str | None:
+    """The GPU_PEAK_TFLOPS entry of a device name, or None. A key matches when each of its words
+    is a whole word of the name (case-insensitive; "-" and "_" separate words too); the key with
+    the most words wins, so a variant beats its base part."""
+    words = set(re.split(r"[\s\-_/()]+", name.lower()))
+    hits = [k for k in GPU_PEAK_TFLOPS if all(w in words for w in k.lower().split())]
+    return max(hits, key=lambda k: (len(k.split()), len(k))) if hits else None
+
+
 def gpu_peak_tflops(device: torch.device, precision: str) -> float | None:
-    """Look the device name up in the table (longest matching key wins); None if unknown."""
-    name = torch.cuda.get_device_name(device)
-    matches = [k for k in GPU_PEAK_TFLOPS if k.lower() in name.lower()]
-    if "H100" in name and ("PCIe" in name or "PCIE" in name):
-        matches = ["H100 PCIe"]
-    if not matches:
+    """The table's dense peak of this GPU and precision; None if the GPU is not in it."""
+    key = gpu_table_key(torch.cuda.get_device_name(device))
+    if key is None:
         return None
-    peak = GPU_PEAK_TFLOPS[max(matches, key=len)][precision]
-    return peak or None
+    return GPU_PEAK_TFLOPS[key][precision] or None
 
 
 def measure_matmul_tflops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
@@ -157,3 +170,57 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.device, self.precision)
+
+    def lm_head_chunks(self, padded_vocab: int) -> tuple[int, int]:
+        return lm_head_chunks(self.device, padded_vocab)
+
+
+# --------------------------------------------------------------------------- the LM-head loss
+# The fused LM-head loss (model.LinearCrossEntropy, and the per-token losses of evaluation) goes
+# through the rows in chunks: one matmul per chunk, then a few elementwise passes over its
+# logits. On a CPU the chunk is 256 MB of fp32 logits (smaller ones cost more in bf16: each adds
+# a (V, C) matmul output to the fp32 weight gradient; benchmarks/bench_lm_head.py) and the
+# elementwise passes walk it in blocks that stay in cache (8 MB of fp32). On a GPU every op is a kernel launch, so the chunk is large
+# (a small share of the GPU's memory, at most 2 GiB of fp32 logits) and is one block: a handful
+# of big kernels per micro-batch, never thousands of small ones.
+CPU_CHUNK_BYTES = 256 << 20  # fp32 logits per matmul chunk on a CPU
+CPU_BLOCK_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32
+GPU_CHUNK_BYTES = 2 << 30  # fp32 logits per chunk on a GPU, at most ...
+GPU_CHUNK_SHARE = 32  # ... and at most 1/32 of its memory (a chunk's working set in bf16 is ~2.5x
+#                        that: its logits, their fp32 copy and one fp32 temporary)
+
+
+def lm_head_chunks(device: torch.device, padded_vocab: int) -> tuple[int, int]:
+    """(rows per matmul chunk, rows per elementwise block) of the fused LM-head loss here."""
+    if device.type == "cuda":
+        budget = min(GPU_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // GPU_CHUNK_SHARE)
+        rows = max(1, budget // (4 * padded_vocab))
+        return rows, rows
+    return max(1, CPU_CHUNK_BYTES // (4 * padded_vocab)), max(1, CPU_BLOCK_ELEMENTS // padded_vocab)
+
+
+# bytes per logit the plain path (logits + F.cross_entropy) holds at its peak under torch.compile:
+# the logits in the autocast dtype, their fp32 log-softmax / gradient and the cast gradient
+PLAIN_BYTES_PER_LOGIT = 10
+PLAIN_MEMORY_SHARE = 4  # the plain path is allowed at most 1/4 of the GPU's memory for it
+
+
+def choose_lm_head_loss(choice: str, device: torch.device, compiled: bool, rows: int, padded_vocab: int) -> tuple[bool, str]:
+    """(fused?, why) for run.lm_head_loss: fused (chunked, no (B, T, V) logits), plain (logits +
+    F.cross_entropy) or auto. auto is fused on CPUs (measured faster: the `fused_loss` rung of
+    gptforge bench) and on GPUs without compile (the eager plain path holds ~14 bytes per logit);
+    on a GPU with compile, whose fusion of the plain path nobody has measured against the fused
+    one yet, it is plain while that fits in a quarter of the GPU's memory, else fused."""
+    if choice in ("fused", "plain"):
+        return choice == "fused", "run.lm_head_loss"
+    if device.type != "cuda":
+        return True, f"auto: fused on {device.type} (faster there: gptforge bench, rung fused_loss)"
+    if not compiled:
+        return True, "auto: fused on CUDA without compile (the eager plain path keeps fp32 copies of the logits)"
+    need = rows * padded_vocab * PLAIN_BYTES_PER_LOGIT
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need * PLAIN_MEMORY_SHARE > total:
+        return True, (f"auto: fused, the plain path's logits would take ~{need / 2**30:.1f} GiB, over 1/{PLAIN_MEMORY_SHARE} "
+                      f"of the GPU's {total / 2**30:.0f} GiB")
+    return False, (f"auto: plain under compile (its logits take ~{need / 2**30:.1f} GiB of {total / 2**30:.0f} GiB; "
+                   "GPU speed of either path unmeasured: gptforge bench, rung fused_loss)")

@@ -215,8 +215,8 @@ class _Failure:
 class _Prefetcher:
     """A thread building the batches that follow (epoch, position), `depth` ahead."""
 
-    def __init__(self, produce, epoch: int, position: int, depth: int):
-        self.produce = produce
+    def __init__(self, produce, epoch: int, position: int, depth: int, init=None):
+        self.produce, self.init = produce, init
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(epoch, position), name="gptforge-prefetch", daemon=True)
@@ -232,6 +232,8 @@ class _Prefetcher:
 
     def _run(self, epoch: int, position: int) -> None:
         try:
+            if self.init is not None:
+                self.init()
             while not self.stop.is_set():
                 item = self.produce(epoch, position)
                 epoch, position = item[2], item[3]
@@ -392,6 +394,13 @@ class ShardLoader:
             xy = xy.to(self.device, non_blocking=self._pin)
         return xy[0], xy[1]
 
+    def _thread_init(self) -> None:
+        """In the prefetch thread, first: the loader's GPU as the thread's current device (the
+        current device is per thread), so that its pinned buffers and copies belong to that GPU
+        rather than to GPU 0 (as torch's DataLoader does in its pin-memory thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _produce(self, epoch: int, position: int):
         """The batch at (epoch, position) for this rank, and the position after it."""
         G = self.world_size * self.B
@@ -410,7 +419,8 @@ class ShardLoader:
         """x, y: int64 (B, T) on the device; y is x shifted by one token."""
         if self.prefetch:
             if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self._produce, self._epoch, self._position, self.prefetch)
+                self._prefetcher = _Prefetcher(self._produce, self._epoch, self._position, self.prefetch,
+                                               init=self._thread_init)
             x, y, epoch, position = self._prefetcher.get()
         else:
             x, y, epoch, position = self._produce(self._epoch, self._position)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from gptforge.errors import GPTForgeError
+from gptforge.eval.perplexity import token_losses
 from gptforge.fsutil import atomic_path
 from gptforge.tokenizer import EOT_ID, Tokenizer
 
@@ -132,14 +132,10 @@ def render_example(example: Example, tokenizer: Tokenizer, block_size: int) -> t
 def score_endings(model, tokens: torch.Tensor, mask: torch.Tensor, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean per-token loss (E,) of each row's masked tokens, given what precedes them."""
     tokens, mask = tokens.to(runtime.device), mask.to(runtime.device)
-    with runtime.autocast():
-        logits, _ = model(tokens)  # (E, L, V)
-    # position t predicts token t+1: drop the last logit and the first target
-    shift_logits = logits[:, :-1, :].float()  # (E, L-1, V)
-    shift_tokens = tokens[:, 1:]  # (E, L-1)
-    losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_tokens.reshape(-1), reduction="none"
-    ).view(shift_tokens.shape)  # (E, L-1)
+    # position t predicts token t+1: the targets are the tokens shifted left, the last unscored;
+    # the loss is chunked (no (E, L, V) fp32 logits), as in evaluate_loss
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)  # (E, L)
+    losses = token_losses(model, tokens, targets, runtime)[:, :-1]  # (E, L-1)
     shift_mask = mask[:, 1:].float()  # (E, L-1)
     sum_loss = (losses * shift_mask).sum(dim=1)  # (E,)
     mean_loss = sum_loss / shift_mask.sum(dim=1).clamp(min=1.0)  # (E,)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from gptforge.errors import GPTForgeError
 
@@ -36,13 +35,22 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def token_losses(model, x: torch.Tensor, y: torch.Tensor, runtime) -> torch.Tensor:
-    """Per-token cross-entropy (B, T) in fp32; the forward runs under the runtime's autocast."""
+    """Per-token cross-entropy (B, T) in fp32; the forward runs under the runtime's autocast.
+
+    The LM head and the loss go through the rows in chunks sized for the device (the model's
+    loss_reduction="none"): no (B, T, V) logits, nor their fp32 copy, ever exist, so memory
+    does not grow with batch x seq_len x vocabulary."""
+    rows, block_rows = runtime.lm_head_chunks(_unwrap(model).config.padded_vocab_size)
     with runtime.autocast():
-        logits, _ = model(x)  # (B, T, V)
-    losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        _, losses = model(x, y, return_logits=False, loss_reduction="none", loss_rows=rows, loss_block_rows=block_rows)
     return losses.view(y.shape)  # (B, T); 0 where ignored
+
+
+def _unwrap(model):
+    """The GPT inside a DDP (.module) or torch.compile (._orig_mod) wrapper."""
+    while not hasattr(model, "config"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 @torch.no_grad()

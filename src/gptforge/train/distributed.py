@@ -66,12 +66,15 @@ class DistEnv:
 
 
 def device_for(env: DistEnv, requested: str) -> str:
-    """One device per rank: cuda:LOCAL_RANK under torchrun when CUDA is used."""
+    """One device per rank: cuda:LOCAL_RANK under torchrun when CUDA is used. It is made this
+    process's current device at once, before anything touches CUDA (the precision probe, NCCL's
+    init, pinned memory): otherwise every rank would also open a context on GPU 0."""
     if env.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if env.local_rank >= count:
             raise GPTForgeError(f"LOCAL_RANK {env.local_rank} has no GPU: this node has {count}; "
                                 f"use --nproc_per_node={count} or fewer")
+        torch.cuda.set_device(env.local_rank)
         return f"cuda:{env.local_rank}"
     return requested
 
@@ -192,6 +195,13 @@ def _fsdp_no_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """Scalar tensors as floats in one device-to-host copy: one sync where one `.item()` each
+    would be as many (DTensors, as clip_grad_norm_ returns under FSDP, made whole first)."""
+    whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
+    return torch.stack([t.detach().float().reshape(()) for t in whole]).tolist()
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:

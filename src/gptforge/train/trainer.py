@@ -17,8 +17,8 @@ import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig
-from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
+from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
+from gptforge.device import Runtime, choose_lm_head_loss, peak_tflops, seed_everything, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.train import checkpoint as ckpt
 from gptforge.train import distributed as distrib
@@ -100,15 +100,22 @@ class Trainer:
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision,
                                         activation_checkpointing=cfg.run.activation_checkpointing)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
-        # The fused LM-head + loss (no (B, T, V) logits kept) wins on CPUs, where those passes over
-        # memory cost as much as the matmuls. Its cache-sized row blocks are a Python loop, which
-        # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
-        self.fused_loss = self.rt.device.type == "cpu"
+        # The fused LM-head + loss (chunked: no (B, T, V) logits, see model.LinearCrossEntropy) or
+        # the plain logits + cross_entropy: chosen per device (device.choose_lm_head_loss), with
+        # row chunks sized per device (cache-sized on CPUs, a handful of big ones on GPUs). Decided
+        # before the micro-batch, whose trials must run the same path; with micro-batch auto the
+        # rows are the per-rank batch's (the largest candidate).
+        sequences = cfg.optim.micro_batch_size or per_rank_sequences(cfg.optim.batch_tokens, self.seq_len, self.env.world_size)
+        self.fused_loss, self.loss_path = choose_lm_head_loss(
+            cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size)
+        self.loss_rows = self.rt.lm_head_chunks(gpt_config.padded_vocab_size)
+        self.loss_kwargs = dict(return_logits=not self.fused_loss, loss_rows=self.loss_rows[0],
+                                loss_block_rows=self.loss_rows[1])
         saved_micro = None
         if self.resume_from is not None:  # auto re-derives only if the world size changed
             saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
         self.micro = fit.choose(cfg, self.model, self.train_model, self.optimizer, self.rt, self.env, self.seq_len,
-                                return_logits=not self.fused_loss, saved=saved_micro)
+                                loss_kwargs=self.loss_kwargs, saved=saved_micro)
         cfg.resolved["micro_batch"] = self.micro.record()
         self.plan = BatchPlan.make(cfg.optim.batch_tokens, self.micro.size, self.seq_len, self.env.world_size)
         common = dict(batch_size=self.micro.size, seq_len=self.seq_len, rank=self.env.rank,
@@ -196,7 +203,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             last = micro == plan.grad_accum_steps - 1
             with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y, return_logits=not self.fused_loss)
+                _, loss = self.train_model(x, y, **self.loss_kwargs)
                 loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
@@ -204,7 +211,7 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         distrib.all_reduce_mean(loss_sum, self.env)
-        loss_value, norm_value = loss_sum.item(), distrib.grad_norm_value(grad_norm)
+        loss_value, norm_value = distrib.host_values(loss_sum, grad_norm)  # the step's one sync before its end
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
         skip_reason = self.guard.observe(loss_value, norm_value) if self.guard is not None else None
@@ -341,6 +348,7 @@ class Trainer:
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
             f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
+            f"LM-head loss {'fused, chunks of ' + str(self.loss_rows[0]) + ' rows' if self.fused_loss else 'plain'} ({self.loss_path})",
         ]
         return "\n".join(lines)
 
