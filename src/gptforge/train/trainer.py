@@ -18,7 +18,7 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, seq_len_of
-from gptforge.device import Runtime, peak_tflops, seed_everything, synchronize
+from gptforge.device import Runtime, best_peak_tflops, peak_tflops, seed_everything, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
@@ -94,7 +94,7 @@ class Trainer:
                       world_size=self.env.world_size, device=str(self.rt.device), vocab_size=gpt_config.vocab_size)
         self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
                                   prefetch=cfg.data.prefetch, **common)
-        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
+        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, allow_short=True, **common)
 
         self.model = GPT(gpt_config).to(self.rt.device)  # the raw module: saved, evaluated, sampled
         # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
@@ -113,7 +113,10 @@ class Trainer:
         # on a GPU would be thousands of small kernels: there the plain path, fused by compile.
         self.fused_loss = self.rt.device.type == "cpu"
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        # MFU against the peak of the precision in use; mfu_best against the device's best dtype
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
+        best, self.best_dtype = best_peak_tflops(self.rt.device, cfg.run.peak_tflops)
+        self.best_peak = max(best * 1e12, self.peak)
         self.tracker = None
         if self.env.is_main and cfg.run.log != "none":
             from gptforge.train.trackers import make_tracker
@@ -208,8 +211,8 @@ class Trainer:
         synchronize(self.rt.device)
         dt = time.perf_counter() - t0
         tokens_per_s = plan.batch_tokens / dt
-        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s,
-                   mfu=self.flops_per_token * tokens_per_s / self.env.world_size / self.peak)
+        flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
+        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
         self.step += 1
         return row
 
@@ -318,14 +321,20 @@ class Trainer:
         c, p, m = self.cfg, self.plan, self.model
         lines = [
             f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({self.device_name()}) | precision {self.rt.precision}"
-            f" | world size {self.env.world_size} | compile {c.run.compile}",
+            + (f" ({self.rt.chosen_by})" if self.rt.chosen_by else "") + f" | world size {self.env.world_size} | compile {c.run.compile}",
             f"model {c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
             f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
-            f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
-            f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
+            f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens"
+            + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
+            f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
         ]
         return "\n".join(lines)
+
+    def mfu_line(self) -> str:
+        """The two MFU denominators, as the banner states them (see the README's definitions)."""
+        return (f"MFU peak {self.rt.precision} {self.peak / 1e12:.3f} TFLOP/s; device best "
+                f"{self.best_dtype} {self.best_peak / 1e12:.3f} TFLOP/s (mfu_best)")
 
     def device_name(self) -> str:
         if self.rt.device.type == "cuda":
