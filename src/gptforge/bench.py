@@ -326,6 +326,10 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
     args, device = resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.peak_tflops:
+        from gptforge.device import cpu_matmul_rates
+
+        cpu_matmul_rates(refresh=True)  # bench is where a machine is measured: the probe again, cached for train too
     peak, peak_how = mfu_peak(device, args.peak_tflops)
     peaks = dtype_peaks(device, args.peak_tflops)
     echo("matmul peaks (TFLOP/s): " + ", ".join(f"{p} {v:.3f}" for p, v in peaks.items()) + f"; best: {peak_how}")
