@@ -239,10 +239,10 @@ def test_small_corpus_prepares_trains_and_evaluates_with_defaults(tmp_path, monk
     assert 2 * TrainConfigDefaults.batch() <= m["splits"]["val"]["num_tokens"] <= 0.11 * total
     run = tmp_path / "run"
     # the defaults, but for where the data is and how many steps (run.max_steps only to stay quick)
-    assert cli.main(["train", "--data.dir", str(data), "--run.dir", str(run), "--run.max_steps", "2"]) == 0
+    assert cli.main(["train", "--data.dir", str(data), "--run.dir", str(run), "--run.max_steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "final val loss" in out and "--- sample ---" in out
-    assert cli.main(["eval", str(run), "--data", str(data), "--no-progress"]) == 0
+    assert cli.main(["eval", str(run), "--data", str(data), "--max-tokens", "4096", "--no-progress"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.match(r"val loss \d+\.\d+  perplexity [\d.]+  \([\d,]+ tokens\)", line), line
 

@@ -18,7 +18,7 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, seq_len_of
-from gptforge.device import Runtime, best_peak_tflops, peak_tflops, seed_everything, synchronize
+from gptforge.device import Runtime, best_peak_tflops, peak_tflops, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
@@ -80,6 +80,11 @@ class Trainer:
         self.env = distrib.DistEnv.from_env()
         self.rt = Runtime.make(distrib.device_for(self.env, cfg.run.device), cfg.run.precision)
         distrib.init(self.env, self.rt.device)
+        if self.env.enabled and cfg.run.precision == "auto":  # one decision for all ranks: rank 0's probe
+            choice = [self.rt.precision, self.rt.chosen_by]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            self.rt = Runtime(self.rt.device, *choice)
+            set_matmul_precision(self.rt.precision)
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = ckpt.resolve_resume(resume, self.run_dir) if resume else None
         seed_everything(cfg.run.seed)
@@ -242,14 +247,18 @@ class Trainer:
         """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights)."""
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
-    def sample(self, prompt: str = "\n") -> str:
+    def sample(self, prompt: str | None = None) -> str:
+        """A short sample (the prompt, when it is text, then the continuation). The embedded
+        corpus is Python source, so its samples continue "def "; other data, a newline."""
         from gptforge.generate import generate
         from gptforge.tokenizer import Tokenizer
 
+        if prompt is None:
+            prompt = "\n" if self.cfg.data.dir else "def "
         tok = Tokenizer()
         ids = generate(self.model, tok.encode(prompt), max_new_tokens=self.cfg.run.sample_tokens,
                        temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
-        return tok.decode(ids)
+        return (prompt if prompt.strip() else "") + tok.decode(ids)
 
     def roll_back(self) -> None:
         """After repeated spikes: back to the last checkpoint, with a smaller learning rate."""
