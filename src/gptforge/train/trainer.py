@@ -247,18 +247,14 @@ class Trainer:
         """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights)."""
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
-    def sample(self, prompt: str | None = None) -> str:
-        """A short sample (the prompt, when it is text, then the continuation). The embedded
-        corpus is Python source, so its samples continue "def "; other data, a newline."""
+    def sample(self, prompt: str = "\n") -> str:
         from gptforge.generate import generate
         from gptforge.tokenizer import Tokenizer
 
-        if prompt is None:
-            prompt = "\n" if self.cfg.data.dir else "def "
         tok = Tokenizer()
         ids = generate(self.model, tok.encode(prompt), max_new_tokens=self.cfg.run.sample_tokens,
                        temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
-        return (prompt if prompt.strip() else "") + tok.decode(ids)
+        return tok.decode(ids)
 
     def roll_back(self) -> None:
         """After repeated spikes: back to the last checkpoint, with a smaller learning rate."""
