@@ -70,6 +70,8 @@ def test_probe_is_cached_per_cpu_torch_and_threads_and_rewritten_when_damaged(fa
     calls = fake_probe({"fp32": 0.3, "bf16": 0.1})
     assert D.cpu_matmul_rates() == {"fp32": 0.3, "bf16": 0.1} and len(calls) == 3  # measured again
     assert json.loads(path.read_text())["rates"] == {"fp32": 0.3, "bf16": 0.1}
+    fake_probe({"fp32": 0.1, "bf16": 0.5})  # measured again (bench): each dtype keeps its higher rate
+    assert D.cpu_matmul_rates(refresh=True) == {"fp32": 0.3, "bf16": 0.5} == D.cpu_matmul_rates()
 
 
 def test_cpu_without_bf16_kernels_probes_fp32_only(fake_probe, monkeypatch):

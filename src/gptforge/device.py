@@ -249,24 +249,28 @@ def measure_cpu_matmul_rates(precisions=("fp32", "bf16"), shapes=PROBE_SHAPES,
 def cpu_matmul_rates(refresh: bool = False) -> dict[str, float]:
     """{"fp32": TFLOP/s, "bf16": TFLOP/s (where the CPU has bf16 kernels)}: measured once per CPU
     model, torch version and thread count, then read from <gptforge cache>/probe/ (written
-    atomically; an unreadable cache file is measured again)."""
+    atomically; an unreadable cache file is measured again). `refresh` measures again and keeps
+    the higher rate of each dtype: a probe taken while the machine was busy only ever improves."""
     import json
 
     from gptforge.fsutil import atomic_write_text
 
     key = probe_key()
     path = probe_cache_path(key)
-    if not refresh:
-        try:
-            saved = json.loads(open(path).read())
-            rates = saved["rates"]
-            if saved.get("key") == key and isinstance(rates, dict) and rates.get("fp32", 0) > 0:
-                return {p: float(v) for p, v in rates.items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    cached: dict[str, float] = {}
+    try:
+        saved = json.loads(open(path).read())
+        rates = saved["rates"]
+        if saved.get("key") == key and isinstance(rates, dict) and rates.get("fp32", 0) > 0:
+            cached = {p: float(v) for p, v in rates.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    if cached and not refresh:
+        return cached
     precisions = ("fp32", "bf16") if cpu_has_fast_bf16() else ("fp32",)
     t0 = time.perf_counter()
     rates = measure_cpu_matmul_rates(precisions)
+    rates = {p: max(v, cached.get(p, 0.0)) for p, v in rates.items()}
     record = {"key": key, "rates": rates, "shapes": [list(s) for s in PROBE_SHAPES],
               "seconds": time.perf_counter() - t0, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
