@@ -122,8 +122,11 @@ def test_concurrent_runs_into_one_directory_wait_for_each_other(corpus, tmp_path
 
 
 def test_default_validation_rule():
-    assert prep.default_val_tokens(1000) == 5
-    assert prep.default_val_tokens(1001) == 6  # ceil(0.5%)
+    assert prep.default_val_tokens(1000) == 100  # a tiny corpus: 10%
+    assert prep.default_val_tokens(1001) == 101  # ceil(10%)
+    assert prep.default_val_tokens(300_000) == 30_000  # 10% of a small corpus: 7 batches of 16 x 256
+    assert prep.default_val_tokens(500_000) == 32_769  # one default evaluation pass (the 0.5M corpus got 2,924)
+    assert prep.default_val_tokens(15_300_000) == 76_500  # a large corpus: 0.5%, as before
     assert prep.default_val_tokens(10**12) == 10_000_000  # capped
 
 
@@ -421,7 +424,7 @@ def test_ensure_default_corpus_prepares_once_and_redoes_for_another_python(monke
     assert d == tmp_path / "cache" / "data" / "python-stdlib"
     m = shards.read_manifest(d)
     assert m["sources"] == ["python-stdlib"] and m["documents"]["documents"] == 4
-    assert m["splits"]["val"]["num_documents"] == 1  # 0.5% of the tokens, rounded up to a whole document
+    assert m["splits"]["val"]["num_documents"] == 2  # 10% of a small corpus (~2.3k tokens), rounded up to whole documents
     before = tree_digest(d)
     assert prep.ensure_default_corpus(workers=1, progress=False) == d and tree_digest(d) == before
     monkeypatch.setattr(sources, "stdlib_files", lambda: few[:3])  # another interpreter's stdlib

@@ -1,3 +1,58 @@
-"""gptforge: pretrain GPT-2-class language models from scratch."""
+"""gptforge: pretrain GPT-2-class language models from scratch.
+
+The Python API (nothing heavy is imported until a name is used)::
+
+    from gptforge import GPT, GPTConfig, Tokenizer, TrainConfig, train, generate, load, prepare
+
+    prepare(["texts/"], "data/mine")                      # text -> token shards; returns the manifest
+    cfg = TrainConfig()                                    # the defaults of `gptforge train`
+    cfg.data.dir, cfg.run.max_steps = "data/mine", 100
+    result = train(cfg)                                    # the whole job; a TrainResult
+    model = load(cfg.run.dir)                              # a run dir, checkpoint dir or HF GPT-2 dir
+    tok = Tokenizer()
+    print(tok.decode(generate(model, tok.encode("def "), max_new_tokens=50, top_k=50, seed=0)))
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "prepare", "__version__"]
+
+# name -> (module, attribute); attribute None: the module itself. `train` and `generate` are the
+# callable modules gptforge.train and gptforge.generate (each calls its function): a package's
+# submodule is set as the package's attribute when first imported, so a plain function of that
+# name here would be replaced by the module as soon as anything imported it.
+_LAZY = {
+    "GPT": ("gptforge.model", "GPT"),
+    "GPTConfig": ("gptforge.model", "GPTConfig"),
+    "Tokenizer": ("gptforge.tokenizer", "Tokenizer"),
+    "TrainConfig": ("gptforge.config", "TrainConfig"),
+    "train": ("gptforge.train", None),
+    "generate": ("gptforge.generate", None),
+    "prepare": ("gptforge.data.prepare", "prepare"),
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: import on first use (so `import gptforge` stays cheap)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gptforge' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    if attr is not None:
+        globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def load(path, device: str = "cpu"):
+    """A trained GPT in eval mode from a gptforge checkpoint directory, a run directory (its newest
+    checkpoint) or a Hugging Face GPT-2 directory."""
+    from gptforge.hf import load_pretrained, resolve_source
+
+    return load_pretrained(resolve_source(path)).to(device).eval()

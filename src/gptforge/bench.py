@@ -12,8 +12,9 @@ torch.compile compiles) are excluded and the compile time is reported apart. A r
 nothing on the device (TF32 on a CPU, bf16 on a GPU without it, compile without a compiler) is
 reported as n/a with the reason, and later rungs build on the last rung that ran.
 
-MFU uses one denominator for every rung, the device's best dense matmul peak (bf16 where the
-device has it): the GPU table, else a short matmul probe on this device.
+MFU has the trainer's two definitions (see the README): `mfu` against the peak of the rung's own
+precision, `mfu_best` against the device's best peak over its dtypes. The peaks are the GPU table,
+else on a CPU the cached matmul probe that `precision auto` also decides by (both rates shown).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class RungResult:
     reason: str = ""  # why n/a, or a note on an ok rung
     tokens_per_s: float | None = None
     step_ms: float | None = None  # median of the timed steps
-    mfu: float | None = None
+    mfu: float | None = None  # of the peak of this rung's precision
+    mfu_best: float | None = None  # of the device's best peak over dtypes
     peak_mem_mb: float | None = None
     speedup: float | None = None  # tokens/s over the fp32 rung's
     compile_s: float | None = None  # first step's extra time on the compile rungs
@@ -151,18 +153,30 @@ def matmul_peak(device: torch.device, precision: str, sizes=(1024, 2048, 4096), 
 
 
 def mfu_peak(device: torch.device, override: float = 0.0) -> tuple[float, str]:
-    """(TFLOP/s, how it was obtained): the best dense matmul peak of the device."""
+    """(TFLOP/s, how it was obtained): the best dense matmul peak of the device over its dtypes
+    (the `mfu_best` denominator; the same function the trainer uses)."""
+    from gptforge.device import best_peak_tflops
+
     if override > 0:
         return override, "given by --peak-tflops"
-    if device.type == "cuda":
-        for p in ("bf16", "fp16", "tf32", "fp32"):
-            known = gpu_peak_tflops(device, p)
-            if known:
-                return known, f"{p} peak of {torch.cuda.get_device_name(device)} (table)"
-    precisions = ["fp32"] + (["bf16"] if device.type != "cpu" or cpu_has_fast_bf16() else [])
-    measured = {p: matmul_peak(device, p) for p in precisions}
-    best = max(measured, key=measured.get)
-    return measured[best], f"{best} matmul peak measured here (fastest square matmul of 1024/2048/4096)"
+    peak, dtype = best_peak_tflops(device)
+    if device.type == "cuda" and gpu_peak_tflops(device, dtype):
+        return peak, f"{dtype} peak of {torch.cuda.get_device_name(device)} (table)"
+    if device.type == "cpu":
+        return peak, f"{dtype}, the faster dtype of the matmul probe (cached; the one precision auto decides by)"
+    return peak, f"{dtype} matmul peak measured here"
+
+
+def dtype_peaks(device: torch.device, override: float = 0.0) -> dict[str, float]:
+    """TFLOP/s per precision the device runs: each rung's `mfu` denominator (the trainer's too)."""
+    from gptforge.device import peak_tflops
+
+    names = ["fp32", "tf32", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    if device.type == "cpu" and not override:
+        from gptforge.device import cpu_matmul_rates
+
+        names = list(cpu_matmul_rates())
+    return {p: peak_tflops(device, p, override) for p in names}
 
 
 # --------------------------------------------------------------------------- data
@@ -246,7 +260,7 @@ def rung_config(overrides: dict, args: BenchArgs, data_dir: Path, run_dir: Path,
         "model.preset": args.preset, "data.dir": str(data_dir), "data.seq_len": T, "data.order": "sequential",
         "data.prefetch": 0, "optim.batch_tokens": B * T, "optim.micro_batch_size": B, "optim.warmup_steps": 1,
         "run.dir": str(run_dir), "run.max_steps": args.warmup + args.steps, "run.device": args.device,
-        "run.eval_every": 0, "run.ckpt_every": 0, "run.peak_tflops": peak, "run.log": "none",
+        "run.eval_every": 0, "run.ckpt_every": 0, "run.peak_tflops": args.peak_tflops, "run.log": "none",
         **BASE, **overrides,
     }
     return C.resolve(None, [(k, str(v)) for k, v in keys.items()])
@@ -275,6 +289,7 @@ def run_rung(cfg: C.TrainConfig, args: BenchArgs, device: torch.device, warmup: 
     res.step_ms = dt
     res.tokens_per_s = trainer.plan.batch_tokens / (dt / 1000)
     res.mfu = trainer.flops_per_token * res.tokens_per_s / trainer.peak
+    res.mfu_best = trainer.flops_per_token * res.tokens_per_s / trainer.best_peak
     res.peak_mem_mb = mem.megabytes
     res.loss = rows[-1]["loss"]
     if cfg.run.compile and first is not None:
@@ -314,7 +329,13 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
     args, device = resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.peak_tflops:
+        from gptforge.device import cpu_matmul_rates
+
+        cpu_matmul_rates(refresh=True)  # bench is where a machine is measured: the probe again, cached for train too
     peak, peak_how = mfu_peak(device, args.peak_tflops)
+    peaks = dtype_peaks(device, args.peak_tflops)
+    echo("matmul peaks (TFLOP/s): " + ", ".join(f"{p} {v:.3f}" for p, v in peaks.items()) + f"; best: {peak_how}")
     results: list[RungResult] = []
     applied: dict = {}
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-") as tmp:
@@ -359,7 +380,7 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
     return {
         "gptforge": __version__, "torch": torch.__version__, "device": str(device), "device_name": device_name(device),
         "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": args.batch * args.seq_len,
-        "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_how,
+        "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_how, "peaks_tflops": peaks,
         "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "growth of process RSS (psutil)",
         "rungs": [asdict(r) for r in results],
     }
@@ -391,18 +412,23 @@ def format_table(report: dict) -> str:
     head = (f"gptforge bench | {report['device']} ({report['device_name']}) | torch {report['torch']} | "
             f"model {report['preset']} | B={report['batch']} T={report['seq_len']} | "
             f"{report['steps']} timed steps after {report['warmup']} warm-up")
-    cols = f"{'rung':<12} {'tokens/s':>12} {'step ms':>10} {'MFU':>7} {'peak MB':>9} {'speedup':>8} {'compile s':>10}  notes"
+    cols = (f"{'rung':<12} {'tokens/s':>12} {'step ms':>10} {'MFU':>7} {'MFU best':>9} {'peak MB':>9} {'speedup':>8}"
+            f" {'compile s':>10}  notes")
     lines = [head, cols, "-" * len(cols)]
     for r in report["rungs"]:
         if r["status"] != "ok":
-            lines.append(f"{r['name']:<12} {'n/a':>12} {'':>10} {'':>7} {'':>9} {'':>8} {'':>10}  {r['reason']}")
+            lines.append(f"{r['name']:<12} {'n/a':>12} {'':>10} {'':>7} {'':>9} {'':>9} {'':>8} {'':>10}  {r['reason']}")
             continue
         mfu = None if r["mfu"] is None else r["mfu"] * 100
+        best = None if r.get("mfu_best") is None else r["mfu_best"] * 100
         lines.append(
             f"{r['name']:<12} {_f(r['tokens_per_s'], ',.0f', 12)} {_f(r['step_ms'], '.1f', 10)} {_f(mfu, '.1f', 6)}%"
+            f" {_f(best, '.1f', 8)}%"
             f" {_f(r['peak_mem_mb'], '.0f', 9)} {_f(r['speedup'], '.2f', 7)}{'x' if r['speedup'] else ' '} {_f(r['compile_s'], '.1f', 10)}  {r['reason']}"
         )
-    lines.append(f"MFU against {report['peak_tflops']:.3f} TFLOP/s: {report['peak_source']}; peak memory: {report['memory']}")
+    peaks = ", ".join(f"{p} {v:.3f}" for p, v in report.get("peaks_tflops", {}).items())
+    lines.append(f"MFU: of the peak of the rung's precision ({peaks} TFLOP/s); MFU best: of the device's best, "
+                 f"{report['peak_tflops']:.3f} TFLOP/s ({report['peak_source']}); peak memory: {report['memory']}")
     return "\n".join(lines)
 
 

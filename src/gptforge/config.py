@@ -66,7 +66,7 @@ class DataArgs:
 class OptimArgs:
     batch_tokens: int = 4096  # tokens per optimizer step across all ranks and micro-steps
     micro_batch_size: int = 0  # sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device
-    lr: float = 2e-3  # peak learning rate
+    lr: float = 6e-4  # peak learning rate (the default by benchmarks/sweep_lr.py: 2e-3 and 1e-3 spike early)
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio after cosine decay
     warmup_steps: int = 10  # linear warmup steps
     decay_steps: int = 0  # cosine decay ends here; 0 = run.max_steps
@@ -89,7 +89,7 @@ class RunArgs:
     max_steps: int = 60  # optimizer steps
     seed: int = 1337  # seeds python, numpy, torch and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (bf16 where the GPU/CPU does it natively, else fp32)
+    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (GPU: bf16 where supported; CPU: the faster of fp32 and bf16 by a cached matmul probe)
     compile: bool = False  # torch.compile the training forward/backward
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     eval_every: int = 20  # steps between validation passes (0 = only at the end)

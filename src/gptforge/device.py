@@ -39,17 +39,29 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16 / AMX),
-    else fp32. fp16 is only meaningful on CUDA."""
+    """auto -> bf16 on CUDA GPUs that support it; on a CPU, the faster of fp32 and bf16 as the
+    matmul probe measured it (`cpu_matmul_rates`: a flag says what a CPU can do, not what is fast
+    on it); else fp32. fp16 is only meaningful on CUDA."""
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return "bf16"
+        if device.type == "cpu":
+            return faster_cpu_precision(cpu_matmul_rates())
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise GPTForgeError("run.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return precision
+
+
+def precision_reason(device: torch.device) -> str:
+    """Why `auto` chose what it chose here, in a few words (with the measured rates on a CPU)."""
+    if device.type == "cuda":
+        return "auto: bf16 where the GPU supports it"
+    if device.type == "cpu":
+        rates = cpu_matmul_rates()
+        measured = ", ".join(f"{p} {v * 1e3:,.0f}" for p, v in rates.items())
+        return f"auto: the faster by the matmul probe, GFLOP/s {measured}" + ("" if "bf16" in rates else " (no bf16 kernels)")
+    return "auto"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -144,14 +156,141 @@ def measure_matmul_tflops(device: torch.device, precision: str, n: int = 1024, s
 
 
 def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> float:
-    """The MFU denominator: an explicit override, else the GPU table, else a probe measurement."""
+    """The MFU denominator: the peak of the precision in use. An explicit override, else the GPU
+    table, else on a CPU the cached probe's best rate over its matmul sizes (tf32 = fp32 there),
+    else a probe measurement."""
     if override > 0:
         return override
     if device.type == "cuda":
         known = gpu_peak_tflops(device, precision)
         if known:
             return known
+    if device.type == "cpu":
+        rates = cpu_matmul_rates()
+        key = "fp32" if precision == "tf32" else precision
+        if key in rates:
+            return rates[key]
     return measure_matmul_tflops(device, precision)
+
+
+def best_peak_tflops(device: torch.device, override: float = 0.0) -> tuple[float, str]:
+    """(TFLOP/s, dtype): the device's best peak over its dtypes, the second MFU denominator that
+    shows a run in the slower dtype as such. An override stands for both peaks."""
+    if override > 0:
+        return override, "given"
+    if device.type == "cuda":
+        known = {p: gpu_peak_tflops(device, p) for p in ("bf16", "fp16", "tf32", "fp32")}
+        known = {p: v for p, v in known.items() if v}
+        if known:
+            best = max(known, key=known.get)
+            return known[best], best
+    if device.type == "cpu":
+        rates = cpu_matmul_rates()
+    else:
+        rates = {p: measure_matmul_tflops(device, p) for p in ("fp32", "bf16")}
+    best = max(rates, key=rates.get)
+    return rates[best], best
+
+
+# --------------------------------------------------------------------------- the CPU probe
+# Matmul shapes (M, K, N) like the model's on a CPU: the tiny preset's attention/MLP projections
+# over a 16 x 256 batch, and one larger square (the LM head and wider models reach higher rates).
+# The peak of a dtype is its best rate over these; `auto` picks the dtype with the higher peak.
+PROBE_SHAPES = ((4096, 384, 1536), (4096, 1536, 384), (2048, 2048, 2048))
+PROBE_VERSION = 1
+PROBE_BUDGET_S = 0.3  # a second round of the shapes only while the probe is under this
+
+
+def faster_cpu_precision(rates: dict[str, float]) -> str:
+    """bf16 if the probe measured it faster than fp32, else fp32."""
+    return "bf16" if rates.get("bf16", 0.0) > rates.get("fp32", 0.0) else "fp32"
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def probe_key() -> dict:
+    """What the cached rates depend on: the CPU, torch, the thread count, the probe itself."""
+    return {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "probe": PROBE_VERSION}
+
+
+def probe_cache_path(key: dict | None = None):
+    import hashlib
+    import json
+
+    from gptforge.fsutil import cache_root
+
+    digest = hashlib.sha256(json.dumps(key or probe_key(), sort_keys=True).encode()).hexdigest()[:16]  # a Path
+    return cache_root() / "probe" / f"cpu-matmul-{digest}.json"
+
+
+def measure_cpu_matmul_rates(precisions=("fp32", "bf16"), shapes=PROBE_SHAPES,
+                             budget_s: float = PROBE_BUDGET_S) -> dict[str, float]:
+    """TFLOP/s per dtype: the fastest single matmul over `shapes`, the dtypes interleaved shape by
+    shape (so that a neighbour's burst on a shared machine hurts both alike)."""
+    best = {p: 0.0 for p in precisions}
+    operands = {}
+    for p in precisions:  # first calls (thread pool, oneDNN kernels) outside the timing
+        w = torch.randn(256, 256, dtype=DTYPES[p])
+        w @ w
+    t_start = time.perf_counter()
+    for rnd in range(2):
+        if rnd and time.perf_counter() - t_start > budget_s:
+            break
+        for m, k, n in shapes:
+            for p in precisions:
+                if (m, k, n, p) not in operands:  # constant operands: cheap to make, and no denormals
+                    operands[m, k, n, p] = (torch.full((m, k), 0.5, dtype=DTYPES[p]), torch.full((k, n), 0.25, dtype=DTYPES[p]))
+                a, b = operands[m, k, n, p]
+                t0 = time.perf_counter()
+                a @ b
+                best[p] = max(best[p], 2 * m * k * n / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def cpu_matmul_rates(refresh: bool = False) -> dict[str, float]:
+    """{"fp32": TFLOP/s, "bf16": TFLOP/s (where the CPU has bf16 kernels)}: measured once per CPU
+    model, torch version and thread count, then read from <gptforge cache>/probe/ (written
+    atomically; an unreadable cache file is measured again). `refresh` measures again and keeps
+    the higher rate of each dtype: a probe taken while the machine was busy only ever improves."""
+    import json
+
+    from gptforge.fsutil import atomic_write_text
+
+    key = probe_key()
+    path = probe_cache_path(key)
+    cached: dict[str, float] = {}
+    try:
+        saved = json.loads(open(path).read())
+        rates = saved["rates"]
+        if saved.get("key") == key and isinstance(rates, dict) and rates.get("fp32", 0) > 0:
+            cached = {p: float(v) for p, v in rates.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    if cached and not refresh:
+        return cached
+    precisions = ("fp32", "bf16") if cpu_has_fast_bf16() else ("fp32",)
+    t0 = time.perf_counter()
+    rates = measure_cpu_matmul_rates(precisions)
+    rates = {p: max(v, cached.get(p, 0.0)) for p, v in rates.items()}
+    record = {"key": key, "rates": rates, "shapes": [list(s) for s in PROBE_SHAPES],
+              "seconds": time.perf_counter() - t0, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    except OSError:  # a read-only cache is no reason to fail a run; it is measured next time too
+        pass
+    return rates
 
 
 @dataclass
@@ -160,13 +299,14 @@ class Runtime:
 
     device: torch.device
     precision: str
+    chosen_by: str = ""  # how `auto` decided, for the banner ("" when the precision was given)
 
     @classmethod
     def make(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         set_matmul_precision(prec)
-        return cls(dev, prec)
+        return cls(dev, prec, precision_reason(dev) if precision == "auto" else "")
 
     def autocast(self):
         return autocast(self.device, self.precision)

@@ -135,3 +135,13 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 24, progress=None) ->
     if _stat_key(os.stat(path)) == before:  # not changed while it was read
         _DIGESTS[before] = digest
     return digest
+
+
+def cache_root() -> Path:
+    """The gptforge cache: $GPTFORGE_CACHE, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge.
+    (Here at the bottom of the house so that device.py can cache its probe; data.prepare uses it too.)"""
+    if os.environ.get("GPTFORGE_CACHE"):
+        return Path(os.environ["GPTFORGE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "gptforge"
+    return Path.home() / ".cache" / "gptforge"

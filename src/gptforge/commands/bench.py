@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gptforge.bench import LADDER
+from gptforge.commands.options import add_shared
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Rungs that mean nothing on the device are reported as n/a with the reason. Writes bench.json and "
         "bench.png (tokens/s per rung) to --out.",
     )
-    p.add_argument("--model.preset", dest="preset", default="", help="model preset (default: gpt2 on CUDA, tiny elsewhere)")
+    add_shared(p, "preset", default="", help="model preset (default: gpt2 on CUDA, tiny elsewhere)")
     p.add_argument("--batch", type=int, default=0, help="micro-batch size B (default: 16 on CUDA, 4 elsewhere)")
     p.add_argument("--seq-len", type=int, default=0, help="sequence length T (default: the preset's block_size)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per rung (default: 10 on CUDA, 3 elsewhere)")
     p.add_argument("--warmup", type=int, default=-1,
                    help="untimed warm-up steps per rung, at least 1 where compiling (default: 3 on CUDA, 1 elsewhere)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_shared(p, "device", default="auto")
     p.add_argument("--out", default="bench", help="directory for bench.json and bench.png (default: ./bench)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="MFU denominator in TFLOP/s (default: the GPU table, else a matmul probe)")

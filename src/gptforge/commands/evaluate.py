@@ -25,7 +25,7 @@ def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device
 
     return ShardLoader(
         data_dir, split=split, batch_size=batch_size, seq_len=seq_len, order="sequential", seed=0,
-        rank=rank, world_size=world_size, device=device, prefetch=0, vocab_size=vocab_size,
+        rank=rank, world_size=world_size, device=device, prefetch=0, vocab_size=vocab_size, allow_short=True,
     )
 
 
@@ -113,6 +113,8 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptforge.commands.options import add_shared
+
     p = argparse.ArgumentParser(
         prog="gptforge eval",
         description="Validation loss / perplexity over a prepared split, and HellaSwag accuracy.",
@@ -128,9 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="HellaSwag accuracy on PATH (hellaswag_val.jsonl); without PATH, download it into the cache",
     )
     p.add_argument("--max-examples", type=int, default=None, help="HellaSwag: the first N examples only")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
-                   help="default auto: bf16 where the GPU/CPU does it natively, else fp32")
+    add_shared(p, "device", default="auto")
+    add_shared(p, "precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -15,6 +15,8 @@ from gptforge.errors import GPTForgeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptforge.commands.options import add_shared
+
     p = argparse.ArgumentParser(prog="gptforge sample", description=__doc__.splitlines()[0])
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir (newest checkpoint) or Hugging Face GPT-2 dir")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
@@ -22,10 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = off (default 200)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set holding this probability mass")
-    p.add_argument("--seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
+    add_shared(p, "seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
     p.add_argument("--num-samples", type=int, default=1, help="number of samples (default 1)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"], help="default auto")
+    add_shared(p, "device", default="auto")
+    add_shared(p, "precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"])
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
     p.add_argument("--no-stop", action="store_true", help="keep going past <|endoftext|>")
     return p

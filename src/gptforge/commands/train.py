@@ -47,7 +47,9 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
     """The resolved config and the resume request, from the command line."""
     from gptforge.train.checkpoint import checkpoint_meta, resolve_resume
 
-    config_file, resume, rest = split_args(argv)
+    from gptforge.commands.options import expand_aliases
+
+    config_file, resume, rest = split_args(expand_aliases(argv))
     overrides = C.parse_overrides(rest)
     cfg = C.resolve(config_file, overrides)
     if resume:
@@ -68,8 +70,11 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
+        from gptforge.commands.options import usage_note
+
         print(USAGE + "  --config FILE   TOML file with [model] [data] [optim] [run] tables\n"
-              "  --resume R      auto | checkpoint dir | run dir\n\n" + C.describe())
+              "  --resume R      auto | checkpoint dir | run dir\n"
+              f"  {usage_note()}\n\n" + C.describe())
         return 0
     cfg, resume = build_config(argv)
     from gptforge.train.distributed import DistEnv

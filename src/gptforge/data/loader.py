@@ -276,7 +276,10 @@ class ShardLoader:
         device="cpu",
         prefetch: int = 0,
         vocab_size: int | None = None,
+        allow_short: bool = False,
     ):
+        """allow_short: a split with fewer windows than one global batch is not an error; for
+        evaluation, `iter_epoch` then yields what there is (see `_short_batch`)."""
         problems = []
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1), ("prefetch", prefetch, 0)):
             if not isinstance(value, int) or value < low:
@@ -309,7 +312,8 @@ class ShardLoader:
             raise GPTForgeError(f"{self.data_dir}: split {split!r} is empty (prepared with --val-tokens 0?)")
         self.num_windows = (self.num_tokens - 1) // seq_len
         G = world_size * batch_size
-        if self.num_windows < G:
+        self.short = allow_short and self.num_windows < G and self.num_tokens - 1 >= world_size
+        if self.num_windows < G and not self.short:
             raise GPTForgeError(
                 f"{self.data_dir}: split {split!r} has {self.num_tokens:,} tokens, fewer than one batch needs "
                 f"({world_size} ranks x {batch_size} x {seq_len} + 1 = {G * seq_len + 1:,}); lower batch_size or seq_len, "
@@ -417,6 +421,8 @@ class ShardLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 (B, T) on the device; y is x shifted by one token."""
+        if self.short:
+            raise GPTForgeError(f"{self.data_dir}: split {self.split!r} is shorter than one batch; it can be evaluated, not trained on")
         if self.prefetch:
             if self._prefetcher is None:
                 self._prefetcher = _Prefetcher(self._produce, self._epoch, self._position, self.prefetch,
@@ -435,6 +441,13 @@ class ShardLoader:
         """One sequential pass over the split from its start, this rank's share of each global
         batch, at most max_batches batches; the training position is left untouched."""
         reader = _Reader(self._infos, self.T)  # its own files: safe beside the prefetch thread
+        if self.short:
+            try:
+                if max_batches is None or max_batches > 0:
+                    yield self._short_batch(reader)
+            finally:
+                reader.close()
+            return
         steps = self.steps_per_epoch if max_batches is None else min(self.steps_per_epoch, max_batches)
         G = self.world_size * self.B
         try:
@@ -442,6 +455,25 @@ class ShardLoader:
                 yield self._batch_from_span(reader, step * G + self.rank * self.B)
         finally:
             reader.close()
+
+    def _short_batch(self, reader: _Reader) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of a split shorter than one global batch, as one batch per rank: this rank's share
+        of the whole windows (fewer sequences than B; every rank the same number, so that FSDP's
+        collective forwards stay in step), or with fewer whole windows than ranks, one shorter
+        window per rank (the split's tokens cut in world_size equal parts)."""
+        per_rank = self.num_windows // self.world_size
+        if per_rank >= 1:
+            b, t = per_rank, self.T
+        else:
+            b, t = 1, (self.num_tokens - 1) // self.world_size
+        start = self.rank * b * t
+        span = reader.span(start, b * t + 1)
+        self._check_ids(reader, span, lambda k: start + k)
+        x = torch.from_numpy(span[:-1].astype(np.int64).reshape(b, t))
+        y = torch.from_numpy(span[1:].astype(np.int64).reshape(b, t))
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
 
     def state_dict(self) -> dict:
         """Plain ints and strings: safe for torch.save and torch.load(weights_only=True)."""

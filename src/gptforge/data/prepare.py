@@ -16,8 +16,9 @@ the same command again and ends byte-identical to an uninterrupted one:
 
 The validation rule: `val_tokens` given -> val is the smallest prefix of whole documents with at
 least that many tokens (an error if it would leave train empty). Default -> the target is 0.5% of
-all tokens, capped at 10M tokens (`default_val_tokens`), taken the same way, but never every
-document: with a single document, val is empty.
+all tokens, capped at 10M tokens, but at least `VAL_MIN` tokens (one evaluation pass of the default
+config) or 10% of a small corpus, whichever is less (`default_val_tokens`), taken the same way,
+but never every document: with a single document, val is empty.
 
 The options that shape the output (sources, the fingerprint of the input files, text field, split,
 strict, shard size, val tokens, tokenizer) are saved before any work; re-running with others into
@@ -61,7 +62,10 @@ from gptforge.fsutil import remove_stale_tmp
 DEFAULT_SHARD_TOKENS = 100_000_000
 VAL_FRACTION = 0.005  # default validation split: 0.5% of all tokens ...
 VAL_CAP = 10_000_000  # ... but at most 10M tokens
-VAL_RULE = "first whole documents until >= min(10M, ceil(0.5% of all tokens)), never every document"
+VAL_MIN = 32_769  # ... and at least this (run.eval_tokens 32,768 targets: 8 batches of the default 16 x 256) ...
+VAL_SMALL_FRACTION = 0.10  # ... or this fraction of a small corpus, whichever is less
+VAL_RULE = ("first whole documents until >= min(10M, max(ceil(0.5% of all tokens), min(32,769, ceil(10% of all "
+            "tokens)))), never every document")
 MAX_PART_TOKENS = 1 << 24
 CHUNK_CHARS = 1 << 19  # text per worker task: big enough to amortize IPC, small enough to balance
 IN_FLIGHT_PER_WORKER = 4
@@ -81,11 +85,9 @@ class _KeepState(GPTForgeError):
 
 def default_cache_dir() -> Path:
     """$GPTFORGE_CACHE, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge."""
-    if os.environ.get("GPTFORGE_CACHE"):
-        return Path(os.environ["GPTFORGE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "gptforge"
-    return Path.home() / ".cache" / "gptforge"
+    from gptforge.fsutil import cache_root
+
+    return cache_root()
 
 
 def default_workers() -> int:
@@ -96,7 +98,10 @@ def default_workers() -> int:
 
 
 def default_val_tokens(total_tokens: int) -> int:
-    return min(VAL_CAP, math.ceil(total_tokens * VAL_FRACTION))
+    """0.5% of a large corpus (at most 10M tokens); enough for the default evaluation, but at most
+    10%, of a small one (so that a tinyshakespeare-sized corpus trains and evaluates with the defaults)."""
+    small = min(VAL_MIN, math.ceil(total_tokens * VAL_SMALL_FRACTION))
+    return min(VAL_CAP, max(math.ceil(total_tokens * VAL_FRACTION), small))
 
 
 def ensure_default_corpus(workers: int | None = None, progress: bool = True) -> Path:

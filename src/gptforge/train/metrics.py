@@ -18,6 +18,8 @@ def fmt_tokens(n: float) -> str:
 
 def train_line(row: dict) -> str:
     mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
+    if row.get("mfu") is not None and row.get("mfu_best") is not None and row["mfu_best"] < 0.99 * row["mfu"]:
+        mfu += f" ({row['mfu_best'] * 100:.1f}% of the best dtype)"  # a run in the slower dtype shows as such
     return (
         f"step {row['step']:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm {row['grad_norm']:.3f}"
         f" | {row['dt_ms']:.0f} ms | {fmt_tokens(row['tokens_per_s'])} tok/s{mfu}"

@@ -18,7 +18,8 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
-from gptforge.device import Runtime, choose_lm_head_loss, peak_tflops, seed_everything, synchronize
+from gptforge.device import (Runtime, best_peak_tflops, choose_lm_head_loss, peak_tflops, seed_everything,
+                             set_matmul_precision, synchronize)
 from gptforge.errors import GPTForgeError
 from gptforge.train import checkpoint as ckpt
 from gptforge.train import distributed as distrib
@@ -79,6 +80,11 @@ class Trainer:
         self.env = distrib.DistEnv.from_env()
         self.rt = Runtime.make(distrib.device_for(self.env, cfg.run.device), cfg.run.precision)
         distrib.init(self.env, self.rt.device)
+        if self.env.enabled and cfg.run.precision == "auto":  # one decision for all ranks: rank 0's probe
+            choice = [self.rt.precision, self.rt.chosen_by]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            self.rt = Runtime(self.rt.device, *choice)
+            set_matmul_precision(self.rt.precision)
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = ckpt.resolve_resume(resume, self.run_dir) if resume else None
         seed_everything(cfg.run.seed)
@@ -122,7 +128,7 @@ class Trainer:
                       world_size=self.env.world_size, device=str(self.rt.device), vocab_size=gpt_config.vocab_size)
         self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
                                   prefetch=cfg.data.prefetch, **common)
-        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, **common)
+        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, allow_short=True, **common)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
         self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
@@ -134,7 +140,10 @@ class Trainer:
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        # MFU against the peak of the precision in use; mfu_best against the device's best dtype
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
+        best, self.best_dtype = best_peak_tflops(self.rt.device, cfg.run.peak_tflops)
+        self.best_peak = max(best * 1e12, self.peak)
         self.tracker = None
         if self.env.is_main and cfg.run.log != "none":
             from gptforge.train.trackers import make_tracker
@@ -229,8 +238,10 @@ class Trainer:
         synchronize(self.rt.device)
         dt = time.perf_counter() - t0
         tokens_per_s = plan.batch_tokens / dt
-        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s,
-                   mfu=self.flops_per_token * tokens_per_s / self.env.world_size / self.peak)
+        flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
+        if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops:
+            self.remeasure_peaks()  # the cached probe was taken on a busy machine: once, ~0.3 s
+        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
         self.step += 1
         return row
 
@@ -361,6 +372,19 @@ class Trainer:
             began = w.get("run_began_from") or {}
             return f"resumed from {w['checkpoint']}" + (f" (the run began from {began['source']})" if began.get("source") else "")
         return f"random init (seed {self.cfg.run.seed})"
+
+    def remeasure_peaks(self) -> None:
+        from gptforge.device import cpu_matmul_rates
+
+        cpu_matmul_rates(refresh=True)
+        self.peak = max(self.peak, peak_tflops(self.rt.device, self.rt.precision) * 1e12)
+        best, self.best_dtype = best_peak_tflops(self.rt.device)
+        self.best_peak = max(best * 1e12, self.peak)
+
+    def mfu_line(self) -> str:
+        """The two MFU denominators, as the banner states them (see the README's definitions)."""
+        return (f"MFU peak {self.rt.precision} {self.peak / 1e12:.3f} TFLOP/s; device best "
+                f"{self.best_dtype} {self.best_peak / 1e12:.3f} TFLOP/s (mfu_best)")
 
     def device_name(self) -> str:
         if self.rt.device.type == "cuda":
