@@ -143,6 +143,22 @@ def test_default_val_takes_first_documents_and_never_all(tmp_path):
     assert not (tmp_path / "o3" / "manifest.json").exists() and not (tmp_path / "o3" / prep.PARTS).exists()
 
 
+def test_default_val_cuts_inside_one_long_document(tmp_path):
+    """tinyshakespeare's shape: one input.txt. Whole documents would leave val empty; the default
+    split cuts the document at the target instead, and the manifest's counts still add up."""
+    import sysconfig
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "input.txt").write_text(text * 3)  # one document, ~13k tokens
+    m = prep.prepare([str(tmp_path / "in")], tmp_path / "o", workers=1, progress=False)
+    total = m["splits"]["val"]["num_tokens"] + m["splits"]["train"]["num_tokens"]
+    assert total > 10 * prep.VAL_CUT_MIN
+    assert m["splits"]["val"]["num_tokens"] == prep.default_val_tokens(total)  # 10%, cut mid-document
+    assert m["splits"]["val"]["num_documents"] == 1 and m["splits"]["train"]["num_documents"] == 0
+    shards.verify(tmp_path / "o")  # sha256, token and document counts agree with the manifest
+
+
 def test_workers_do_not_change_the_bytes_and_rerun_finds_work_done(corpus, tmp_path):
     root, _ = corpus
     a = prep.prepare([str(root)], tmp_path / "a", shard_tokens=SHARD, workers=1, progress=False)

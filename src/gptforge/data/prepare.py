@@ -18,7 +18,10 @@ The validation rule: `val_tokens` given -> val is the smallest prefix of whole d
 least that many tokens (an error if it would leave train empty). Default -> the target is 0.5% of
 all tokens, capped at 10M tokens, but at least `VAL_MIN` tokens (one evaluation pass of the default
 config) or 10% of a small corpus, whichever is less (`default_val_tokens`), taken the same way,
-but never every document: with a single document, val is empty.
+but never every document. Where whole documents cannot give between 1x and 2x that default target
+(a single long document, such as tinyshakespeare's input.txt; or a first document far longer than
+the target) and the target is at least `VAL_CUT_MIN` tokens, val is exactly the first `target`
+tokens, cut inside a document. A tiny single-document corpus keeps an empty val split.
 
 The options that shape the output (sources, the fingerprint of the input files, text field, split,
 strict, shard size, val tokens, tokenizer) are saved before any work; re-running with others into
@@ -64,8 +67,10 @@ VAL_FRACTION = 0.005  # default validation split: 0.5% of all tokens ...
 VAL_CAP = 10_000_000  # ... but at most 10M tokens
 VAL_MIN = 32_769  # ... and at least this (run.eval_tokens 32,768 targets: 8 batches of the default 16 x 256) ...
 VAL_SMALL_FRACTION = 0.10  # ... or this fraction of a small corpus, whichever is less
+VAL_CUT_MIN = 1_024  # default targets from this size on may cut inside a document (see _val_boundary)
 VAL_RULE = ("first whole documents until >= min(10M, max(ceil(0.5% of all tokens), min(32,769, ceil(10% of all "
-            "tokens)))), never every document")
+            "tokens)))), never every document; cut inside a document when whole ones would give less than that "
+            "or more than twice it (targets >= 1,024 tokens)")
 MAX_PART_TOKENS = 1 << 24
 CHUNK_CHARS = 1 << 19  # text per worker task: big enough to amortize IPC, small enough to balance
 IN_FLIGHT_PER_WORKER = 4
@@ -464,7 +469,22 @@ def _val_boundary(parts: Path, sizes: list[int], options: dict, n_docs: int) -> 
                 "split; lower it or add data"
             )
         end, val_docs = last_start, n_docs - 1  # keep the last document for train
+    if not explicit and target >= VAL_CUT_MIN and not target <= end <= 2 * target:
+        # whole documents cannot make a split near the target (one long document, as
+        # tinyshakespeare's input.txt, or a first document far longer than it): cut inside one
+        end, val_docs = target, _documents_before(parts, sizes, target)
     return {"val_end": end, "val_documents": val_docs, "val_target": target, "total_tokens": total, "documents": n_docs}
+
+
+def _documents_before(parts: Path, sizes: list[int], end: int) -> int:
+    """Documents that begin before token `end` (EOT tokens in [0, end))."""
+    count, offset = 0, 0
+    for i, n in enumerate(sizes):
+        if offset >= end:
+            break
+        count += int(np.count_nonzero(_load_part(parts, i)[: end - offset] == tokenizer.EOT_ID))
+        offset += n
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

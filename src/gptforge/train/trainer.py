@@ -350,14 +350,15 @@ class Trainer:
         c, p, m = self.cfg, self.plan, self.model
         lines = [
             f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({self.device_name()}) | precision {self.rt.precision}"
-            f" | world size {self.env.world_size} | compile {c.run.compile}",
+            + (f" ({self.rt.chosen_by})" if self.rt.chosen_by else "") + f" | world size {self.env.world_size} | compile {c.run.compile}",
             f"model {c.model.init_from or c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
             f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
             f"micro-batch {p.micro_batch_size}: {self.micro.reason}"
             + (" | activation checkpointing on" if c.run.activation_checkpointing else ""),
             f"weights: {self.weights_line()}",
-            f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens",
-            f"MFU peak {self.peak / 1e12:.1f} TFLOP/s | run dir {self.run_dir}"
+            f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens"
+            + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
+            f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
             f"LM-head loss {'fused, chunks of ' + str(self.loss_rows[0]) + ' rows' if self.fused_loss else 'plain'} ({self.loss_path})",
         ]
