@@ -36,7 +36,7 @@ def cmd_env(out: Path) -> int:
         q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True)
         driver = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else ""
-    from gptforge.device import gpu_table_key
+    from gptforge.device import cpu_model_name, gpu_table_key
 
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -47,7 +47,7 @@ def cmd_env(out: Path) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "bf16": torch.cuda.is_bf16_supported(), "python": platform.python_version(),
         "peak_table_entry": gpu_table_key(torch.cuda.get_device_name(dev)),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu": cpu_model_name(), "cpu_count": os.cpu_count(),
     }
     try:
         import triton
@@ -59,16 +59,6 @@ def cmd_env(out: Path) -> int:
     for k, v in info.items():
         print(f"{k:>18}: {v}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def cmd_probe(out: Path) -> int:

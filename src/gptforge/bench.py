@@ -25,7 +25,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ import torch
 
 from gptforge import __version__
 from gptforge import config as C
-from gptforge.device import cpu_has_fast_bf16, gpu_peak_tflops, resolve_device
+from gptforge.device import cpu_has_fast_bf16, cpu_model_name, gpu_peak_tflops, resolve_device
 from gptforge.errors import GPTForgeError
 from gptforge.model import PRESETS, preset
 
@@ -389,18 +388,7 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return f"{cpu_model_name()}, {torch.get_num_threads()} threads"
 
 
 # --------------------------------------------------------------------------- output
