@@ -66,10 +66,13 @@ def evaluate(
     if not env.is_main:
         report, progress = (lambda *a, **k: None), False
     try:
-        return _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples,
-                         distrib.device_for(env, device), precision, progress, report, env)
-    finally:
-        distrib.shutdown(env)
+        result = _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples,
+                           distrib.device_for(env, device), precision, progress, report, env)
+    except BaseException:
+        distrib.shutdown(env, clean=False)
+        raise
+    distrib.shutdown(env)
+    return result
 
 
 def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples, device, precision,

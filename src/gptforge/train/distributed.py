@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -92,9 +93,20 @@ def init(env: DistEnv, device: torch.device) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
 
 
-def shutdown(env: DistEnv) -> None:
-    """Leave the process group after a clean run (not after an error: see the module doc)."""
+def shutdown(env: DistEnv, clean: bool = True) -> None:
+    """Leave the process group. After an error (`clean=False`) without any collective: see the
+    module doc.
+
+    Gloo's worker threads free each finished collective's work, and with it the Python tensors it
+    holds, which needs the GIL. Whoever drops the last reference to the process group (DDP's
+    reducer, when the trainer is freed) joins those threads while holding the GIL: if a worker is
+    still freeing a work then, both wait forever (seen once in CI: rank 1 hung at exit after
+    all_gather_object + barrier). So: a barrier (every earlier collective has finished), then the
+    GIL is left free for a moment, so the workers are idle before anything joins them."""
     if env.enabled and dist.is_initialized():
+        if clean:
+            dist.barrier()
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 

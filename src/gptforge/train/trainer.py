@@ -396,6 +396,9 @@ class Trainer:
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
-        return trainer.run()
-    finally:
-        distrib.shutdown(trainer.env)
+        result = trainer.run()
+    except BaseException:
+        distrib.shutdown(trainer.env, clean=False)
+        raise
+    distrib.shutdown(trainer.env)
+    return result
