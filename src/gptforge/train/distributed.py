@@ -216,13 +216,6 @@ def host_values(*tensors: torch.Tensor) -> list[float]:
     return torch.stack([t.detach().float().reshape(()) for t in whole]).tolist()
 
 
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """clip_grad_norm_'s result as a float (a DTensor under FSDP: made whole first)."""
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
 # --------------------------------------------------------------------------- full state
 def _resharded(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 leaves the root's weights gathered after a forward without backward (evaluation,

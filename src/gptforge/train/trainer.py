@@ -144,6 +144,7 @@ class Trainer:
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
         best, self.best_dtype = best_peak_tflops(self.rt.device, cfg.run.peak_tflops)
         self.best_peak = max(best * 1e12, self.peak)
+        self.peaks_remeasured = False
         self.tracker = None
         if self.env.is_main and cfg.run.log != "none":
             from gptforge.train.trackers import make_tracker
@@ -239,8 +240,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens_per_s = plan.batch_tokens / dt
         flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
-        if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops:
-            self.remeasure_peaks()  # the cached probe was taken on a busy machine: once, ~0.3 s
+        if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops and not self.peaks_remeasured:
+            self.remeasure_peaks()  # the cached probe was taken on a busy machine: once a run, ~0.3 s
         row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
         self.step += 1
         return row
@@ -377,6 +378,7 @@ class Trainer:
     def remeasure_peaks(self) -> None:
         from gptforge.device import cpu_matmul_rates
 
+        self.peaks_remeasured = True
         cpu_matmul_rates(refresh=True)
         self.peak = max(self.peak, peak_tflops(self.rt.device, self.rt.precision) * 1e12)
         best, self.best_dtype = best_peak_tflops(self.rt.device)
