@@ -44,8 +44,8 @@ def _status_kib(field: str) -> int:
 def child(a: argparse.Namespace) -> dict:
     from gptforge.device import Runtime
     from gptforge.model import GPT, preset
-    from gptforge.train.distributed import apply_activation_checkpointing
-    from gptforge.train.optim import make_optimizer
+    from gptforge.training.distributed import apply_activation_checkpointing
+    from gptforge.training.optim import make_optimizer
     from gptforge.config import OptimArgs
 
     rt = Runtime.make(a.device, a.precision)

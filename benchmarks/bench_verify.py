@@ -81,7 +81,7 @@ def main() -> None:
         # what a restart feels: the trainer's whole start (loaders, model, optimizer), the hashing
         # running in the background meanwhile
         from gptforge import config as C
-        from gptforge.train.trainer import Trainer
+        from gptforge.training.trainer import Trainer
 
         def start(verify: str, cold: bool) -> float:
             fsutil._DIGESTS.clear()

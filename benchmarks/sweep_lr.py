@@ -46,7 +46,7 @@ def max_rise(losses: list[float], skip: int = 2) -> float:
 
 def run_one(lr: str, warmup: int, out: Path, precision: str, max_steps: int) -> dict:
     from gptforge import config as C
-    from gptforge.train.trainer import train
+    from gptforge.training.trainer import train
 
     run_dir = out / f"lr{lr}_w{warmup}"
     if run_dir.exists():  # a fresh run each time: metrics.jsonl is appended to

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptforge.device import GPU_PEAK_TFLOPS, gpu_peak_tflops, gpu_table_key
-from gptforge.train import distributed as distrib
+from gptforge.training import distributed as distrib
 
 # what torch.cuda.get_device_name() says on each part -> the table entry (None: not in the table,
 # MFU then uses a measured matmul peak)
@@ -72,7 +72,7 @@ def test_a_training_step_reads_the_device_once(tmp_path, shards_dir, monkeypatch
     spike guard and the log need before the update) and the synchronize that ends the timed
     step; no `.item()` per micro-batch. Counted on a CPU: the same code runs on a GPU."""
     from gptforge import config as C
-    from gptforge.train import trainer as trainer_mod
+    from gptforge.training import trainer as trainer_mod
 
     cfg = C.resolve(None, [("model.preset", "nano"), ("data.dir", str(shards_dir)), ("data.seq_len", "32"),
                            ("data.prefetch", "0"), ("optim.batch_tokens", "256"), ("optim.micro_batch_size", "2"),

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from gptforge import config as C
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.trainer import train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,10 @@ from gptforge.data.loader import ShardLoader
 from gptforge.errors import GPTForgeError
 from gptforge.hf import load_pretrained
 from gptforge.model import GPT, preset
-from gptforge.train import checkpoint as ckpt
-from gptforge.train import fit
-from gptforge.train.distributed import apply_activation_checkpointing
-from gptforge.train.trainer import Trainer, train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training import fit
+from gptforge.training.distributed import apply_activation_checkpointing
+from gptforge.training.trainer import Trainer, train
 
 SEQ, MICRO = 32, 4
 BASE = {  # no model.* key: the architecture is the source's
@@ -256,7 +256,7 @@ def _cpu_fp32():
 
 def test_shipped_finetune_config_fits_gpt2():
     """configs/finetune-gpt2.toml sets no key that contradicts GPT-2 124M (checked without network)."""
-    from gptforge.train.weights import check_against_source
+    from gptforge.training.weights import check_against_source
 
     cfg = C.resolve(Path(__file__).parent.parent / "configs" / "finetune-gpt2.toml")
     assert cfg.model.init_from == "gpt2" and cfg.optim.micro_batch_size == 0

@@ -10,7 +10,7 @@ from gptforge import cli
 from gptforge.checkpoint import save_model
 from gptforge.device import Runtime
 from gptforge.errors import GPTForgeError
-from gptforge.generate import TextDecoder, generate, generate_batch, sample_next, stream
+from gptforge.sampling import TextDecoder, generate, generate_batch, sample_next, stream
 from gptforge.model import GPT, preset
 from gptforge.tokenizer import EOT_ID, Tokenizer
 from helpers import randomize

@@ -30,8 +30,8 @@ import torch
 from gptforge import config as C
 from gptforge.device import Runtime
 from gptforge.model import GPT, KVCache, preset
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.trainer import Trainer, train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.trainer import Trainer, train
 from helpers import randomize
 from test_data_loader import make_dir
 from test_train import small_cfg
@@ -152,7 +152,7 @@ def test_compiled_training_equals_eager_and_never_recompiles_after_warm_up(tmp_p
 
 def test_fused_adamw_equals_for_each_adamw():
     from gptforge.config import OptimArgs
-    from gptforge.train.optim import make_optimizer
+    from gptforge.training.optim import make_optimizer
 
     models = [randomize(GPT(preset("nano"))).train().cuda() for _ in range(2)]
     opts = [make_optimizer(m, OptimArgs(fused=f, lr=1e-2), torch.device("cuda")) for m, f in zip(models, ("on", "off"))]
@@ -221,7 +221,7 @@ def test_resume_with_dropout_on_cuda(tmp_path, shards_dir, attention):
 
 # ----------------------------------------------------------------------------- sampling
 def test_kv_cache_greedy_equals_uncached_in_bf16_and_the_cache_is_bf16(monkeypatch):
-    from gptforge import generate as gen
+    from gptforge import sampling as gen
 
     model = randomize(GPT(preset("nano"))).cuda()
     rt = Runtime(torch.device("cuda"), "bf16")
@@ -252,13 +252,13 @@ def test_kv_cache_greedy_equals_uncached_in_bf16_and_the_cache_is_bf16(monkeypat
 # it wrap and join an NCCL group anyway, so DDP and FSDP2 run their real code on one GPU
 WORLD1 = """
     import sys
-    from gptforge.train import distributed as distrib
+    from gptforge.training import distributed as distrib
     distrib.DistEnv.enabled = property(lambda self: True)
     if sys.argv[1] == "gather":
         import json
         import torch
         from gptforge import config as C
-        from gptforge.train.trainer import Trainer
+        from gptforge.training.trainer import Trainer
         t = Trainer(C.resolve(None, [tuple(a.split("=", 1)) for a in sys.argv[2:]]), progress=False)
         t.train_step()
         dev = t.rt.device

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from gptforge import cli
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import GPTForgeError
-from gptforge.generate import generate
+from gptforge.sampling import generate
 from gptforge.hf import export_hf, hf_state_dict, load_pretrained
 from gptforge.model import GPT, GPTConfig, preset
 from gptforge.tokenizer import Tokenizer, bpe_files

@@ -104,7 +104,7 @@ def _nano_cfg(tmp_path, data: Path, **over) -> C.TrainConfig:
 
 def test_mfu_fields_agree_between_banner_metrics_and_bench(fake_probe, tmp_path, capsys):
     from gptforge.bench import BenchArgs, format_table, run_ladder
-    from gptforge.train.trainer import Trainer, train
+    from gptforge.training.trainer import Trainer, train
 
     fake_probe({"fp32": 0.004, "bf16": 0.002})  # fp32 is this machine's faster dtype
     cfg = _nano_cfg(tmp_path, _tiny_data(tmp_path), **{"run.precision": "bf16"})
@@ -133,7 +133,7 @@ def test_mfu_fields_agree_between_banner_metrics_and_bench(fake_probe, tmp_path,
 
 
 def test_train_line_names_the_slower_dtype():
-    from gptforge.train.metrics import train_line
+    from gptforge.training.metrics import train_line
 
     row = {"step": 3, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "dt_ms": 10.0, "tokens_per_s": 4e3}
     assert train_line({**row, "mfu": 0.5, "mfu_best": 0.5}).endswith("| mfu 50.0%")
@@ -184,7 +184,7 @@ def test_short_split_is_evaluated_whole(tmp_path):
 
 
 def test_trainer_evaluates_a_val_split_shorter_than_one_batch(tmp_path):
-    from gptforge.train.trainer import train
+    from gptforge.training.trainer import train
 
     data = _prepared(tmp_path, 40, 300, 200)  # ~200 val tokens; one batch is 8 x 32 + 1 = 257
     cfg = _nano_cfg(tmp_path, data, **{"optim.batch_tokens": "256", "optim.micro_batch_size": "8",
@@ -255,8 +255,9 @@ def test_top_level_api_names_are_lazy_and_callable():
     import sys
 
     code = ("import sys, gptforge; assert 'torch' not in sys.modules, 'torch imported by import gptforge'; "
-            "from gptforge.train.trainer import TrainResult; import gptforge.generate; "
+            "from gptforge.training.trainer import TrainResult; import gptforge.sampling; "
             "from gptforge import GPT, GPTConfig, Tokenizer, TrainConfig, train, generate, load, prepare; "
+            "import types; assert not any(isinstance(f, types.ModuleType) for f in (train, generate)); "
             "assert all(callable(f) for f in (train, generate, load, prepare)); print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

@@ -15,7 +15,7 @@ import torch
 
 from gptforge.checkpoint import load_model, save_model, write_sums
 from gptforge.errors import GPTForgeError
-from gptforge.generate import generate
+from gptforge.sampling import generate
 from gptforge.hf import export_hf, load_pretrained
 from gptforge.model import GPT, GPTConfig, KVCache, preset
 from helpers import randomize

@@ -7,7 +7,7 @@ import torch
 
 from gptforge.config import OptimArgs
 from gptforge.model import GPT, preset
-from gptforge.train.optim import lr_at, make_optimizer, param_groups
+from gptforge.training.optim import lr_at, make_optimizer, param_groups
 
 
 def test_decay_only_on_matrices():

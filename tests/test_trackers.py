@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import gptforge.train.trackers as trackers
+import gptforge.training.trackers as trackers
 from gptforge.errors import GPTForgeError
-from gptforge.train.trackers import make_tracker, scalars
+from gptforge.training.trackers import make_tracker, scalars
 
 ROWS = [
     {"step": 0, "tokens": 1024, "loss": 10.9, "lr": 1e-4, "grad_norm": 2.0, "dt_ms": 5.0, "tokens_per_s": 2e5, "mfu": 0.1},

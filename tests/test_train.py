@@ -13,8 +13,8 @@ import torch
 
 from gptforge import config as C
 from gptforge.errors import GPTForgeError
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.trainer import Trainer, train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.trainer import Trainer, train
 
 
 def small_cfg(run_dir: Path, data_dir: Path, **overrides) -> C.TrainConfig:

@@ -17,17 +17,16 @@ __version__ = "0.1.0"
 
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "prepare", "__version__"]
 
-# name -> (module, attribute); attribute None: the module itself. `train` and `generate` are the
-# callable modules gptforge.train and gptforge.generate (each calls its function): a package's
-# submodule is set as the package's attribute when first imported, so a plain function of that
-# name here would be replaced by the module as soon as anything imported it.
+# name -> (module, attribute). No submodule is named like a top-level function (the trainer lives
+# in gptforge.training, sampling in gptforge.sampling): importing a submodule sets it as the
+# package's attribute, which would shadow a function of the same name.
 _LAZY = {
     "GPT": ("gptforge.model", "GPT"),
     "GPTConfig": ("gptforge.model", "GPTConfig"),
     "Tokenizer": ("gptforge.tokenizer", "Tokenizer"),
     "TrainConfig": ("gptforge.config", "TrainConfig"),
-    "train": ("gptforge.train", None),
-    "generate": ("gptforge.generate", None),
+    "train": ("gptforge.training.trainer", "train"),
+    "generate": ("gptforge.sampling", "generate"),
     "prepare": ("gptforge.data.prepare", "prepare"),
 }
 
@@ -39,10 +38,8 @@ def __getattr__(name: str):
     import importlib
 
     module_name, attr = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
-    if attr is not None:
-        globals()[name] = value
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
     return value
 
 

@@ -266,7 +266,7 @@ def rung_config(overrides: dict, args: BenchArgs, data_dir: Path, run_dir: Path,
 
 
 def run_rung(cfg: C.TrainConfig, args: BenchArgs, device: torch.device, warmup: int) -> RungResult:
-    from gptforge.train.trainer import Trainer
+    from gptforge.training.trainer import Trainer
 
     res = RungResult("", "")
     with PeakMemory(device) as mem:

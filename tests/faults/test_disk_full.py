@@ -24,8 +24,8 @@ import gptforge.checkpoint as model_ckpt
 import gptforge.fsutil as fsutil
 from gptforge import config as C
 from gptforge.errors import GPTForgeError
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.trainer import train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.trainer import train
 
 from .conftest import NANO, flags, losses_by_step, metrics_rows, tree_digest
 

@@ -20,7 +20,7 @@ import torch
 from gptforge import cli
 from gptforge.checkpoint import write_sums
 from gptforge import config as C
-from gptforge.train.trainer import train
+from gptforge.training.trainer import train
 
 from .conftest import NANO, assert_one_line_error, flags, run_cli, tree_digest
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.train import checkpoint as ckpt
+from gptforge.training import checkpoint as ckpt
 
 from .conftest import cli_env, flags, losses_by_step, metrics_rows, run_cli
 
@@ -153,7 +153,7 @@ def test_kill_between_the_renames_of_a_same_step_rewrite(tmp_path, shards_dir, m
     step_N to .old, then .new to step_N. A kill between those renames used to leave no step_N, and
     the next save deleted both temp dirs: the newest checkpoint was lost."""
     from gptforge import config as C
-    from gptforge.train.trainer import train
+    from gptforge.training.trainer import train
 
     from .conftest import NANO
 
@@ -192,7 +192,7 @@ def test_resume_auto_with_nothing_complete_starts_over(tmp_path, shards_dir):
     """Killed during the very first checkpoint write: only a temp dir exists; --resume auto starts
     from step 0 and removes it at the first save."""
     from gptforge import config as C
-    from gptforge.train.trainer import train
+    from gptforge.training.trainer import train
 
     from .conftest import NANO
 

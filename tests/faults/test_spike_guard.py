@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from gptforge import config as C
-from gptforge.train import checkpoint as ckpt
-from gptforge.train import trainer as trainer_mod
-from gptforge.train.spike import SpikeGuard
-from gptforge.train.trainer import Trainer
+from gptforge.training import checkpoint as ckpt
+from gptforge.training import trainer as trainer_mod
+from gptforge.training.spike import SpikeGuard
+from gptforge.training.trainer import Trainer
 
 from .conftest import NANO, metrics_rows
 

@@ -59,7 +59,7 @@ def evaluate(
     if problems:
         raise GPTForgeError("; ".join(problems))
 
-    from gptforge.train import distributed as distrib
+    from gptforge.training import distributed as distrib
 
     # under torchrun every rank evaluates a disjoint share; results are all-reduced, rank 0 reports
     env = distrib.DistEnv.from_env()
@@ -79,7 +79,7 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
               progress, report, env) -> dict:
     from gptforge.checkpoint import load_model
     from gptforge.device import Runtime
-    from gptforge.train import distributed as distrib
+    from gptforge.training import distributed as distrib
 
     ckpt_dir = resolve_checkpoint(ckpt)
     runtime = Runtime.make(device, precision)

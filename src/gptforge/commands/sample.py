@@ -49,7 +49,7 @@ def sample(
     out=None,
 ) -> list[list[int]]:
     """Stream num_samples continuations of `prompt` to `out` (stdout); return their token ids."""
-    from gptforge import generate as gen
+    from gptforge import sampling as gen
     from gptforge.hf import load_pretrained, resolve_source
     from gptforge.tokenizer import Tokenizer
 

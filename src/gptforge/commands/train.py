@@ -45,7 +45,7 @@ def split_args(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
 
 def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
     """The resolved config and the resume request, from the command line."""
-    from gptforge.train.checkpoint import checkpoint_meta, resolve_resume
+    from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
 
     from gptforge.commands.options import expand_aliases
 
@@ -77,8 +77,8 @@ def main(argv: list[str]) -> int:
               f"  {usage_note()}\n\n" + C.describe())
         return 0
     cfg, resume = build_config(argv)
-    from gptforge.train.distributed import DistEnv
-    from gptforge.train.trainer import train
+    from gptforge.training.distributed import DistEnv
+    from gptforge.training.trainer import train
 
     result = train(cfg, resume=resume)
     if result.sample:

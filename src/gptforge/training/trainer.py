@@ -21,11 +21,11 @@ from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
 from gptforge.device import (Runtime, best_peak_tflops, choose_lm_head_loss, peak_tflops, seed_everything,
                              set_matmul_precision, synchronize)
 from gptforge.errors import GPTForgeError
-from gptforge.train import checkpoint as ckpt
-from gptforge.train import distributed as distrib
-from gptforge.train.metrics import Reporter
-from gptforge.train.optim import lr_at, make_optimizer, set_lr
-from gptforge.train.spike import SpikeGuard
+from gptforge.training import checkpoint as ckpt
+from gptforge.training import distributed as distrib
+from gptforge.training.metrics import Reporter
+from gptforge.training.optim import lr_at, make_optimizer, set_lr
+from gptforge.training.spike import SpikeGuard
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         from gptforge.data.loader import ShardLoader
-        from gptforge.train import fit, weights
+        from gptforge.training import fit, weights
 
         data_dir = resolve_data_dir(cfg, self.env)
         from gptforge.data import verify  # hashes in the background while the model is built
@@ -147,7 +147,7 @@ class Trainer:
         self.peaks_remeasured = False
         self.tracker = None
         if self.env.is_main and cfg.run.log != "none":
-            from gptforge.train.trackers import make_tracker
+            from gptforge.training.trackers import make_tracker
 
             self.tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
         self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, self.tracker, progress)
@@ -273,7 +273,7 @@ class Trainer:
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
     def sample(self, prompt: str = "\n") -> str:
-        from gptforge.generate import generate
+        from gptforge.sampling import generate
         from gptforge.tokenizer import Tokenizer
 
         tok = Tokenizer()

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import sys
-import types
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -226,12 +224,3 @@ class TextDecoder:
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        """`gptforge.generate(model, prompt_ids, max_new_tokens, ...)` is `generate.generate`."""
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule  # see gptforge/__init__.py for why

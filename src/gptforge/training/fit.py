@@ -27,8 +27,8 @@ import torch
 
 from gptforge.config import per_rank_sequences
 from gptforge.errors import GPTForgeError
-from gptforge.train import checkpoint as ckpt
-from gptforge.train import distributed as distrib
+from gptforge.training import checkpoint as ckpt
+from gptforge.training import distributed as distrib
 
 RAM_FRACTION = 0.6  # of the RAM available at start: the OS, the data loader and others need the rest
 BACKWARD_FACTOR = 2.0  # peak memory per sequence / bytes saved for backward (activation grads, transients)

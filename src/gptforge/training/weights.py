@@ -18,8 +18,8 @@ from pathlib import Path
 from gptforge.config import TrainConfig
 from gptforge.errors import GPTForgeError
 from gptforge.model import GPT, PRESETS, GPTConfig
-from gptforge.train import checkpoint as ckpt
-from gptforge.train import distributed as distrib
+from gptforge.training import checkpoint as ckpt
+from gptforge.training import distributed as distrib
 
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias")  # must agree with the source when the user set them
 
