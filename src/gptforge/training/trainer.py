@@ -211,12 +211,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(plan.grad_accum_steps):
             x, y = self.loader.next_batch()
-            last = micro == plan.grad_accum_steps - 1
-            with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y)
-                loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
-            loss_sum += loss.detach()
-            self.scaler.scale(loss).backward()
+            # backward inside too: DDP decides in forward whether to reduce, FSDP2 in backward
+            with distrib.no_sync(self.train_model, micro == plan.grad_accum_steps - 1):
+                with self.rt.autocast():
+                    _, loss = self.train_model(x, y)
+                    loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
