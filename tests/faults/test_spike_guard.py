@@ -98,6 +98,52 @@ def test_state_round_trips_through_a_weights_only_checkpoint():
         assert h.observe(v, 0.55) == g.observe(v, 0.55)
 
 
+def f32(v: float) -> float:
+    """v as the trainer's host sees it: a float32 loss read back as a Python float."""
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def test_the_device_decides_what_the_host_decides():
+    """`decide` (tensors, no host read) skips exactly the steps `observe` (floats) skips, keeps the
+    same history, and after max_skips in a row halts: every later step is skipped and counts for
+    nothing until the host, which reads the streak, resets it (the rollback)."""
+    host, dev = SpikeGuard(k=3.0, window=6, max_skips=3), SpikeGuard(k=3.0, window=6, max_skips=3)
+    steps = [(4.0, 1.0), (4.2, 1.1), (3.9, 0.9), (50.0, 1.0),  # history of 3: too short to judge
+             (4.1, 1.05), (9.0, 1.0), (4.0, 9.0), (4.05, 1.0), (float("nan"), 1.0), (4.0, float("inf")),
+             (4.02, 1.01), (3.98, 0.99), (4.01, 1.02), (4.0, 1.0), (3.99, 1.0), (4.03, 1.0),  # window slides
+             (40.0, 1.0), (41.0, 1.0)]
+    for loss, norm in (map(f32, s) for s in steps):
+        want = host.observe(loss, norm)
+        skip, halted = dev.decide(torch.tensor(loss), torch.tensor(norm))
+        assert not halted and bool(skip) == (want is not None), (loss, norm, want)
+        assert dev.record(loss, norm, skipped=bool(skip)) == want
+        assert dev.state_dict() == host.state_dict()
+    assert host.consecutive == 2 and host.skipped_total == 7
+    skip, halted = dev.decide(torch.tensor(42.0), torch.tensor(1.0))  # the third spike in a row
+    assert skip and not halted
+    dev.record(42.0, 1.0, skipped=True)
+    assert dev.must_roll_back
+    for loss in (4.0, 99.0):  # queued behind the streak: skipped, and nothing changes on the device
+        skip, halted = dev.decide(torch.tensor(loss), torch.tensor(1.0))
+        assert skip and halted
+    history = list(dev.losses)
+    dev.reset_streak(dev.skipped_total)  # the trainer rolled back: the device starts from the host state
+    skip, halted = dev.decide(torch.tensor(f32(4.01)), torch.tensor(1.0))
+    assert not skip and not halted
+    assert dev.record(f32(4.01), 1.0, skipped=False) is None and list(dev.losses) == history[1:] + [f32(4.01)]
+
+
+def test_the_device_copy_follows_a_loaded_state():
+    g = SpikeGuard(k=3.0, window=4, max_skips=3)
+    for v in (4.0, 4.25, 3.75, 4.0):
+        g.observe(v, 1.0)
+    h = SpikeGuard(k=3.0, window=4, max_skips=3)
+    h.decide(torch.tensor(1.0), torch.tensor(1.0))  # a device copy of the empty history exists
+    h.record(1.0, 1.0, skipped=False)
+    h.load_state_dict(g.state_dict())  # as on resume: the device copy is rebuilt from it
+    assert bool(h.decide(torch.tensor(9.0), torch.tensor(1.0))[0]) and g.is_spike(9.0, 1.0) is not None
+
+
 # ------------------------------------------------------------------------------ in the trainer
 
 
