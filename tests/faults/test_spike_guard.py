@@ -159,9 +159,17 @@ def params_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def watch_steps(trainer: Trainer, monkeypatch) -> list[dict]:
-    """Record, for every train step, its metrics row and whether any parameter changed."""
-    log = []
+class StepLog(list):
+    """Per train step, its metrics row and whether any parameter or AdamW's step count changed.
+    The rows are the trainer's own dicts: a step between reads gets its values when the host
+    reads them, so look after the run (`rows()`)."""
+
+    def rows(self) -> list[dict]:
+        return [{**row, **flags} for row, flags in self]
+
+
+def watch_steps(trainer: Trainer, monkeypatch) -> StepLog:
+    log = StepLog()
     real = trainer.train_step
 
     def step():
@@ -171,7 +179,7 @@ def watch_steps(trainer: Trainer, monkeypatch) -> list[dict]:
         after = params_of(trainer.model)
         changed = any(not torch.equal(before[k], after[k]) for k in before)
         same_adam = [s.get("step") for s in trainer.optimizer.state.values()] == adam_steps
-        log.append({**row, "changed": changed, "same_adam": same_adam})
+        log.append((row, {"changed": changed, "same_adam": same_adam}))
         return row
 
     monkeypatch.setattr(trainer, "train_step", step)
@@ -197,6 +205,7 @@ def test_corrupted_batch_is_skipped_without_update(tmp_path, shards_dir, monkeyp
     monkeypatch.setattr(trainer.loader, "next_batch", next_batch)
     log = watch_steps(trainer, monkeypatch)
     res = trainer.run()
+    log = log.rows()
 
     assert res.step == 22
     by_step = {r["step"]: r for r in log}
@@ -228,6 +237,7 @@ def test_absurd_lr_rolls_back_with_a_smaller_lr(tmp_path, shards_dir, monkeypatc
     trainer = Trainer(cfg, progress=False)
     log = watch_steps(trainer, monkeypatch)
     res = trainer.run()
+    log = log.rows()
 
     rows = metrics_rows(run)
     events = [r for r in rows if r.get("event") == "rollback"]
@@ -261,3 +271,37 @@ def test_repeated_spikes_without_a_checkpoint_stop_cleanly(tmp_path, shards_dir,
     with pytest.raises(GPTForgeError, match=r"consecutive loss spikes at step \d+ and no checkpoint to roll back to"):
         trainer.run()
     assert ckpt.list_checkpoints(run) == []
+
+
+def test_a_run_that_reads_only_when_it_logs_skips_and_rolls_back_the_same(tmp_path, shards_dir, monkeypatch):
+    """Fused AdamW (the GPU's default, here on the CPU), log_every 5: the guard decides on the
+    device and the host reads every 5th step (and before each checkpoint, every 6th). The spikes
+    at steps 7..9 fall between reads; the streak is read at step 10, whose update was masked and
+    which is dropped. Everything a user sees is as with a read every step: the same skipped steps and
+    reasons, the same rollback, the same losses and final weights, bitwise."""
+    real_lr_at = trainer_mod.lr_at
+    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps: real_lr_at(step, args, max_steps) * (1e5 if step >= 6 else 1))
+    runs = {}
+    for log_every in (1, 5):
+        run = tmp_path / f"log{log_every}"
+        cfg = guarded_cfg(run, shards_dir, **{"run.max_steps": 12, "run.ckpt_every": 6, "optim.spike_window": "6",
+                                              "optim.spike_lr_factor": "1e-5", "optim.fused": "on",
+                                              "run.log_every": log_every})
+        trainer = Trainer(cfg, progress=False)
+        log = watch_steps(trainer, monkeypatch)
+        res = trainer.run()
+        runs[log_every] = (run, res, log.rows(), trainer)
+    (run1, res1, log1, t1), (run5, res5, log5, t5) = runs[1], runs[5]
+    assert [r["step"] for r in log5 if r.get("discarded")] == [10]  # queued behind the streak
+    assert [r["step"] for r in log5 if r.get("skipped")] == [r["step"] for r in log1 if r.get("skipped")] == [7, 8, 9]
+    skipped = lambda rows: [(r["step"], r["reason"], r["skipped_total"]) for r in rows if r.get("skipped")]  # noqa: E731
+    assert skipped(metrics_rows(run5)) == skipped(metrics_rows(run1))
+    events = lambda rows: [{k: v for k, v in r.items() if k != "checkpoint"} for r in rows if "event" in r]  # noqa: E731
+    assert events(metrics_rows(run5)) == events(metrics_rows(run1)) and len(events(metrics_rows(run1))) == 1
+    assert all(not r["changed"] and r["same_adam"] for r in log5 if r.get("skipped") or r.get("discarded"))
+    assert res5.losses == res1.losses and sorted(res5.losses) == list(range(12))  # bitwise, every step
+    assert res5.val_loss == res1.val_loss
+    assert all(torch.equal(a, b) for a, b in zip(t5.model.parameters(), t1.model.parameters()))
+    assert t5.guard.state_dict() == t1.guard.state_dict() and t5.lr_scale == t1.lr_scale
+    logged = [r["step"] for r in metrics_rows(run5) if "loss" in r and not r.get("skipped")]
+    assert logged == [0, 5, 10], logged  # before the rollback 0 and 5; after it, from step 6: 10
