@@ -448,3 +448,83 @@ def test_fsdp_sampling_compile_and_bf16_numerics(tmp_path):
     for a, b, c in zip(ddp["losses"], fsdp["losses"], compiled["losses"]):
         assert abs(a - b) < 1e-5 and abs(b - c) < 1e-5, (ddp, fsdp, compiled)
     assert fsdp["losses"][-1] < fsdp["losses"][0]
+
+
+VERIFY_LOGGED = """
+    import os
+    import sys
+
+    from gptforge.data import verify
+
+    real = verify.verify_shards
+
+
+    def logged(*args, **kwargs):  # one line per verification: node, global rank, local rank, shards hashed
+        report = real(*args, **kwargs)
+        with open(os.environ["VERIFY_LOG"], "a") as f:
+            f.write(f"{os.environ['GROUP_RANK']} {os.environ['RANK']} {os.environ['LOCAL_RANK']} {report['hashed']}\\n")
+        return report
+
+
+    verify.verify_shards = logged
+    from gptforge.cli import main
+
+    sys.exit(main())
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(run_dir: Path, data_dir: Path, tmp_path: Path, *args: str, timeout: float = 240) -> list[str]:
+    """`torchrun --nnodes=2 --nproc_per_node=1` twice on this machine, as two nodes of one job
+    (c10d rendezvous, loopback only, gloo over `lo`), each with its own gptforge cache as a machine
+    of its own would have. Returns each node's verification log lines; rank 0's stdout is checked."""
+    script = tmp_path / "verify_logged.py"
+    script.write_text(textwrap.dedent(VERIFY_LOGGED))
+    log = tmp_path / f"verify_{run_dir.name}.log"
+    flags = [a for k, v in overrides(run_dir, data_dir, 4).items() for a in (f"--{k}", v)]
+    port, procs = free_port(), []
+    try:
+        for node in (0, 1):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo",
+                   "GPTFORGE_CACHE": str(tmp_path / f"cache_node{node}"), "VERIFY_LOG": str(log)}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=gptforge-{run_dir.name}",
+                   f"--rdzv-conf=is_host={int(node == 0)}", "--local-addr=127.0.0.1", "--max-restarts=0",
+                   str(script), "train", *flags, *args]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (out, err) in zip(procs, outs):
+        ok(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    assert sum(out.count("world size 2") for out, _ in outs) == 1  # global rank 0 alone prints
+    return log.read_text().splitlines()
+
+
+def test_two_nodes_train_as_one_process_and_resume(single, shards_dir, tmp_path):
+    """Two nodes of one process each: every node's LOCAL_RANK 0 verifies the shards (once per
+    node: here each node hashes them all into its own cache), training equals one process, and
+    a resume on two nodes is bitwise."""
+    run = tmp_path / "run"
+    lines = two_nodes(run, shards_dir, tmp_path)
+    nodes = sorted(line.split() for line in lines)
+    assert [n[:3] for n in nodes] == [["0", "0", "0"], ["1", "1", "0"]], lines  # node, rank, local rank 0
+    assert all(int(n[3]) > 0 for n in nodes), lines  # each node hashed the shards itself
+    assert_close(train_losses(run), train_losses(single), range(STEPS))
+    assert abs(final_val(run) - final_val(single)) < TOL
+    resumed = tmp_path / "resumed"
+    lines = two_nodes(resumed, shards_dir, tmp_path, "--resume", str(mid(run)))
+    assert sorted(line.split()[:2] for line in lines) == [["0", "0"], ["1", "1"]]
+    assert all(line.split()[3] == "0" for line in lines), lines  # remembered: each node's cache
+    got, want = train_losses(resumed), train_losses(run)
+    assert sorted(got) == list(range(HALF, STEPS)) and all(got[s] == want[s] for s in got), (got, want)
