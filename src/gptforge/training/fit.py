@@ -60,7 +60,7 @@ def candidates(per_rank: int) -> list[int]:
     return out
 
 
-def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int, loss_kwargs: dict,
+def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int,
            saved: dict | None = None) -> MicroBatch:
     """The micro-batch of this run: the configured one, the one a resumed run chose at the same
     world size (`saved`, from its checkpoint), or a new choice for `auto`."""
@@ -73,9 +73,9 @@ def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int, loss_kwarg
         return MicroBatch(saved["size"], f"auto, as chosen when the run began ({saved.get('reason', '')})", env.world_size)
     memory = device_memory(rt.device)
     if memory is not None:
-        size, why = _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kwargs, memory)
+        size, why = _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, memory)
     else:
-        size, why = _fit_ram(model, train_model, rt, env, seq_len, per_rank, loss_kwargs)
+        size, why = _fit_ram(model, train_model, rt, env, seq_len, per_rank)
     return MicroBatch(size, f"auto: {why}", env.world_size)
 
 
@@ -156,14 +156,14 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m.lower() in text for m in OOM_MARKERS)
 
 
-def _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kwargs, memory) -> tuple[int, str]:
+def _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, memory) -> tuple[int, str]:
     total = memory.total()
     limit = int(total * (1 - HEADROOM))
     saved_weights = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
     rng = ckpt.rng_state(rt.device)
     tried, chosen, peak = [], 0, 0  # tried: (size, its peak or None for out of memory)
     for b in candidates(per_rank):
-        fits, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs, memory)
+        fits, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len, memory)
         ok = _agree(int(fits and peak <= limit), env)
         tried.append((b, peak if fits else None))
         if ok:
@@ -190,7 +190,7 @@ def _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_
     return chosen, why + (f"; the per-rank batch is {per_rank}" if chosen == per_rank else "")
 
 
-def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs, memory) -> tuple[bool, int]:
+def _trial_step(model, train_model, optimizer, rt, b, seq_len, memory) -> tuple[bool, int]:
     """One forward + backward + optimizer step at micro-batch b, eager (the stance overrides a
     compiled train_model or compiled blocks); (ran without running out of memory, peak bytes)."""
     memory.reset_peak()
@@ -200,7 +200,7 @@ def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs, memo
         with torch.compiler.set_stance("force_eager"):
             x, y = _batch(model, b, seq_len, rt.device)
             with _no_collectives(train_model), rt.autocast():
-                _, loss = train_model(x, y, **loss_kwargs)
+                _, loss = train_model(x, y)
             loss.backward()
             optimizer.step()
         del x, y, loss
@@ -216,7 +216,7 @@ def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs, memo
     return not oom, peak
 
 
-def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, loss_kwargs: dict) -> int:
+def saved_bytes_per_sequence(model, train_model, rt, seq_len: int) -> int:
     """Bytes autograd keeps for backward in one training forward of one sequence (parameters,
     which exist anyway, not counted; each storage counted once)."""
     params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
@@ -236,7 +236,7 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, loss_kwargs: 
         train_model.train()  # as in training: dropout keeps its masks
         with torch.compiler.set_stance("force_eager"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 rt.autocast():  # eager: FSDP's blocks may be compiled
-            _, loss = train_model(x, y, **loss_kwargs)
+            _, loss = train_model(x, y)
         del loss  # no backward: the graph is dropped
     finally:
         ckpt.set_rng_state(rng, rt.device)
@@ -250,11 +250,11 @@ def available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def _fit_ram(model, train_model, rt, env, seq_len, per_rank, loss_kwargs) -> tuple[int, str]:
+def _fit_ram(model, train_model, rt, env, seq_len, per_rank) -> tuple[int, str]:
     import os
 
     # the raw model: a forward without backward must not leave DDP/FSDP expecting one
-    per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len, loss_kwargs) * BACKWARD_FACTOR)
+    per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len) * BACKWARD_FACTOR)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this RAM
     shard = env.world_size if distrib.is_fsdp(model) else 1
     param_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
