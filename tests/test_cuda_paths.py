@@ -265,6 +265,9 @@ def test_an_explicit_cpu_still_trains_a_gpu_sized_model(shards_dir, tmp_path):
     try:
         assert t.model.num_params() > 124e6 and t.rt.device.type == "cpu"
         assert math.isfinite(t.train_step()["loss"])
+    finally:
+        t.loader.close()
+        t.val_loader.close()
 
 
 @pytest.mark.parametrize("fused", ["on", "off"])
