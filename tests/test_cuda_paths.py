@@ -73,18 +73,19 @@ def test_each_rank_makes_its_gpu_current_before_cuda_is_touched(monkeypatch):
         distrib.device_for(distrib.DistEnv(rank=5, local_rank=5, world_size=6), "cuda")
 
 
-def test_a_training_step_reads_the_device_once(tmp_path, shards_dir, monkeypatch):
-    """Per step one device-to-host read (loss and grad norm together, which the NaN check, the
-    spike guard and the log need before the update) and the synchronize that ends the timed
-    step; no `.item()` per micro-batch. Counted on a CPU: the same code runs on a GPU."""
+def step_cfg(tmp_path, shards_dir, **overrides):
+    """nano, 4 micro-batches of 2 per step, fp32 on the CPU, spike guard on."""
     from gptforge import config as C
-    from gptforge.training import trainer as trainer_mod
 
-    cfg = C.resolve(None, [("model.preset", "nano"), ("data.dir", str(shards_dir)), ("data.seq_len", "32"),
-                           ("data.prefetch", "0"), ("optim.batch_tokens", "256"), ("optim.micro_batch_size", "2"),
-                           ("run.dir", str(tmp_path / "run")), ("run.device", "cpu"), ("run.precision", "fp32"),
-                           ("run.peak_tflops", "1"), ("run.max_steps", "3"), ("optim.spike_guard", "on")])
-    t = trainer_mod.Trainer(cfg, progress=False)
+    keys = {"model.preset": "nano", "data.dir": str(shards_dir), "data.seq_len": "32", "data.prefetch": "0",
+            "optim.batch_tokens": "256", "optim.micro_batch_size": "2", "run.dir": str(tmp_path / "run"),
+            "run.device": "cpu", "run.precision": "fp32", "run.peak_tflops": "1", "run.max_steps": "8",
+            "optim.spike_guard": "on", **overrides}
+    return C.resolve(None, [(k, str(v)) for k, v in keys.items()])
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """Every `.item()`, `.tolist()`, float(), bool() or int() of a tensor in gptforge's code."""
     reads = []
 
     def counted(name):
@@ -99,6 +100,17 @@ def test_a_training_step_reads_the_device_once(tmp_path, shards_dir, monkeypatch
 
     for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return reads
+
+
+def test_a_logging_step_reads_the_device_once(tmp_path, shards_dir, monkeypatch):
+    """log_every 1 (the default): per step one device-to-host read (loss, grad norm and the
+    device's skip decision together) and the synchronizes around the timed step; no `.item()`
+    per micro-batch. Counted on a CPU: the same code runs on a GPU."""
+    from gptforge.training import trainer as trainer_mod
+
+    t = trainer_mod.Trainer(step_cfg(tmp_path, shards_dir, **{"run.max_steps": 3}), progress=False)
+    reads = count_reads(monkeypatch)
     syncs = []
     monkeypatch.setattr(trainer_mod, "synchronize", lambda device: syncs.append(device))
     try:
@@ -253,6 +265,37 @@ def test_an_explicit_cpu_still_trains_a_gpu_sized_model(shards_dir, tmp_path):
     try:
         assert t.model.num_params() > 124e6 and t.rt.device.type == "cpu"
         assert math.isfinite(t.train_step()["loss"])
+    finally:
+        t.loader.close()
+        t.val_loader.close()
+
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_steps_between_logging_steps_neither_synchronize_nor_read(tmp_path, shards_dir, monkeypatch, fused):
+    """log_every 4 over 8 steps. Fused AdamW (the GPU's default) takes the skip decided on the
+    device: the logging steps 0 and 4 synchronize where the clock is read and read the values of
+    the steps since the last read in one transfer; the six others synchronize nothing and read
+    nothing. The for-each / single-tensor AdamW (a CPU's default) cannot take it, so the host
+    reads each step before its update: one transfer a step, still no synchronize between logs."""
+    from gptforge.training import trainer as trainer_mod
+
+    t = trainer_mod.Trainer(step_cfg(tmp_path, shards_dir, **{"run.log_every": 4, "optim.fused": fused}), progress=False)
+    assert hasattr(t.optimizer, "_step_supports_amp_scaling") == (fused == "on")
+    transfers, syncs = [], []
+    host_values = distrib.host_values
+    monkeypatch.setattr(distrib, "host_values", lambda *ts: transfers.append(t.step) or host_values(*ts))
+    monkeypatch.setattr(trainer_mod, "synchronize", lambda device: syncs.append(t.step))
+    reads = count_reads(monkeypatch)
+    try:
+        rows = [t.train_step() for _ in range(8)]
+        assert syncs == [0, 0, 4, 4]
+        assert transfers == ([0, 4] if fused == "on" else list(range(8)))
+        assert reads == ["tolist"] * len(transfers)  # nothing else reads the device
+        if fused == "on":
+            assert ["loss" in r for r in rows] == [True] * 5 + [False] * 3  # 5..7: on the device still
+        t.read_values()  # what the loop does before an evaluation, a checkpoint, the end
+        assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in rows)
+        assert [("dt_ms" in r) for r in rows] == [s % 4 == 0 for s in range(8)]  # only a logging step is timed
     finally:
         t.loader.close()
         t.val_loader.close()

@@ -528,3 +528,82 @@ def test_two_nodes_train_as_one_process_and_resume(single, shards_dir, tmp_path)
     assert all(line.split()[3] == "0" for line in lines), lines  # remembered: each node's cache
     got, want = train_losses(resumed), train_losses(run)
     assert sorted(got) == list(range(HALF, STEPS)) and all(got[s] == want[s] for s in got), (got, want)
+
+
+# ------------------------------------------------------------------ issue 17: one gradient reduction per optimizer step
+REDUCTIONS = """
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    from gptforge import config as C
+    from gptforge.training import distributed as distrib
+    from gptforge.training.trainer import Trainer
+
+    reduced = [0]  # gradient elements sent to a reduction
+
+    def counting(collective):  # FSDP2's reduce-scatter of the gradients (reduce_scatter_single in torch 2.13)
+        def counted(*args, **kwargs):
+            reduced[0] += (kwargs["input"] if "input" in kwargs else args[1]).numel()
+            return collective(*args, **kwargs)
+        return counted
+
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        if hasattr(dist, name):
+            setattr(dist, name, counting(getattr(dist, name)))
+
+    wrap = distrib.wrap
+
+    def wrap_counted(*args, **kwargs):  # DDP reduces its buckets in C++: a comm hook that counts, then does the same
+        model = wrap(*args, **kwargs)
+        if hasattr(model, "register_comm_hook"):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):
+                reduced[0] += bucket.buffer().numel()
+                return allreduce_hook(state, bucket)
+            model.register_comm_hook(None, hook)
+        return model
+
+    distrib.wrap = wrap_counted
+    base = [tuple(a.split("=", 1)) for a in sys.argv[1:]]
+    out = {}
+    for mode, fused in (("ddp", "auto"), ("fsdp", "auto"), ("fsdp", "on")):  # fused: the device's skip on DTensors
+        for micro in (8, 2):  # per rank: 1 and 4 micro-steps per optimizer step
+            t = Trainer(C.resolve(None, base + [("run.dist", mode), ("optim.fused", fused),
+                                                ("optim.micro_batch_size", str(micro))]), progress=False)
+            reduced[0] = 0
+            rows = [t.train_step() for _ in range(3)]
+            out[f"{mode} {fused} {t.plan.grad_accum_steps}"] = {"per_step": reduced[0] / 3,
+                                                                 "losses": [r["loss"] for r in rows]}
+            out["params"] = t.model.num_params()
+            t.loader.close()
+            t.val_loader.close()
+    if distrib.DistEnv.from_env().is_main:
+        print("RESULT " + json.dumps(out))
+    distrib.shutdown(distrib.DistEnv.from_env())
+"""
+
+
+def test_one_gradient_reduction_per_optimizer_step(shards_dir, tmp_path):
+    """With 4 micro-steps per optimizer step the gradients are reduced once, as with 1: under DDP
+    (which decides in forward) and under FSDP2 (which decides in backward, so the backward must run
+    inside the no-sync scope too). Counted as gradient elements reduced per step: about the
+    model's parameters (FSDP2 pads each shard group to the world size), never 4 times that."""
+    script = tmp_path / "reductions.py"
+    script.write_text(textwrap.dedent(REDUCTIONS))
+    args = [f"{k}={v}" for k, v in overrides(tmp_path / "run", shards_dir, 8).items()
+            if k not in ("optim.micro_batch_size", "run.max_steps")] + ["run.max_steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args], capture_output=True, text=True, timeout=300, env=env))
+    out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    params = out["params"]
+    for mode in ("ddp auto", "fsdp auto", "fsdp on"):
+        one, four = out[f"{mode} 1"], out[f"{mode} 4"]
+        assert four["per_step"] == one["per_step"], (mode, four["per_step"], one["per_step"])
+        assert params <= one["per_step"] < 1.01 * params, (mode, one["per_step"], params)
+        ddp = out["ddp auto 4"]["losses"]
+        for a, b, c in zip(four["losses"], one["losses"], ddp):  # k micro-batches of B == one of k*B; FSDP == DDP
+            assert abs(a - b) <= TOL and abs(a - c) <= TOL, (mode, four["losses"], one["losses"], ddp)

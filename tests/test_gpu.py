@@ -121,6 +121,37 @@ def test_tf32_setting_changes_the_matmul_mode():
     assert errors["tf32"] > 20 * errors["fp32"], errors
 
 
+# ----------------------------------------------------------------------------- the step's host syncs
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_steps_between_logging_steps_never_synchronize(tmp_path, shards_dir, monkeypatch, guard):
+    """log_every 4 with fused AdamW (CUDA's default): the steps between logging steps queue their
+    work without a single device sync (torch.cuda.set_sync_debug_mode("error") raises at any:
+    .item(), torch.cuda.synchronize, a blocking copy), the skip of a non-finite or spiking step
+    being decided on the device; and the losses are those of a run that reads every step."""
+    over = {"run.precision": "fp32", "data.order": "sequential", "optim.spike_guard": guard, "run.max_steps": 8}
+    quiet = trainer(cfg(tmp_path, shards_dir, "quiet", **over, **{"run.log_every": 4}))
+    every = trainer(cfg(tmp_path, shards_dir, "every", **over))
+    assert getattr(quiet.optimizer, "_step_supports_amp_scaling", False)  # fused: it takes the device's skip
+    syncs = []
+    synchronize = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(quiet.step) or synchronize(*a))
+    try:
+        rows = [quiet.train_step() for _ in range(5)]  # 0..4; the first builds AdamW's state (blocking copies)
+        for _ in range(3):  # 5, 6, 7
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                rows.append(quiet.train_step())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert syncs == [0, 0, 4, 4] and all("loss" not in r for r in rows[5:])
+        quiet.read_values()
+        want = [every.train_step()["loss"] for _ in range(8)]
+        assert [r["loss"] for r in rows] == pytest.approx(want, abs=1e-4)  # attention's backward: atomics
+    finally:
+        close(quiet)
+        close(every)
+
+
 # ----------------------------------------------------------------------------- compile
 def test_compiled_training_equals_eager_and_never_recompiles_after_warm_up(tmp_path, shards_dir):
     """Over train steps, an evaluation, a sample, a checkpoint and more train steps: the same

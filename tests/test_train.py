@@ -134,6 +134,37 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, shards_dir
     assert torch.load(ckpts[0][1] / "state.pt", weights_only=True)["step"] == 2
 
 
+def test_nan_loss_between_logging_steps_stops_with_its_step_and_no_update_after_it(tmp_path, shards_dir, monkeypatch):
+    """log_every 4, fused AdamW (the GPU's path: the host reads only when it logs or before a
+    checkpoint). Step 2's loss is NaN and nobody reads it then: its update and step 3's, queued
+    behind it, are masked on the device; the read before step 4's checkpoint stops the run with
+    the usual message naming step 2. The checkpoint left is step 2's, and the weights in memory
+    are still exactly its weights."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    trainer = Trainer(small_cfg(run, shards_dir, **{"run.ckpt_every": 2, "run.log_every": 4, "optim.fused": "on"}),
+                      progress=False)
+    real_forward = trainer.model.forward
+
+    def forward(idx, targets=None, **kw):
+        logits, loss = real_forward(idx, targets, **kw)
+        if trainer.step == 2:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(GPTForgeError, match=r"loss is nan at step 2; stopping"):
+        trainer.run()
+    assert trainer.step == 4  # step 3 was queued before the read
+    ckpts = ckpt.list_checkpoints(run)
+    assert [s for s, _ in ckpts] == [2]
+    saved = load_file(ckpts[0][1] / "model.safetensors")
+    for name, p in trainer.model.state_dict().items():
+        if name in saved:
+            assert torch.equal(p, saved[name]), f"{name} was updated after the last good step"
+
+
 def test_resume_with_other_architecture_is_refused(tmp_path, shards_dir):
     run = tmp_path / "run"
     train(small_cfg(run, shards_dir, **{"run.max_steps": 3}), progress=False)

@@ -217,7 +217,8 @@ def forward_is_collective(model: torch.nn.Module) -> bool:
 
 
 def no_sync(model: torch.nn.Module, last_micro_step: bool):
-    """Skip the gradient all-reduce on every micro-step but the last of an accumulation."""
+    """Skip the gradient reduction on every micro-step but the last of an accumulation. Enter it
+    around forward and backward both: DDP decides in forward, FSDP2 in backward."""
     if last_micro_step:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
@@ -236,11 +237,16 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (clip_grad_norm_'s norm under FSDP) made whole on every rank; other tensors as
+    they are. A device-side collective where the DTensor is a partial result: every rank calls it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def host_values(*tensors: torch.Tensor) -> list[float]:
-    """Scalar tensors as floats in one device-to-host copy: one sync where one `.item()` each
-    would be as many (DTensors, as clip_grad_norm_ returns under FSDP, made whole first)."""
-    whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
-    return torch.stack([t.detach().float().reshape(()) for t in whole]).tolist()
+    """The elements of tensors (of any shape, flattened in order) as floats, in one device-to-host
+    copy: one sync where one `.item()` each would be as many."""
+    return torch.cat([whole(t).detach().float().reshape(-1) for t in tensors]).tolist()
 
 
 # --------------------------------------------------------------------------- full state

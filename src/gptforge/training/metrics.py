@@ -66,6 +66,12 @@ class Reporter:
             elif echo and self.progress:
                 print(train_line(row), flush=True)
 
+    def tick(self, steps_done: int) -> None:
+        """Move the bar to `steps_done` steps without a row: a step whose values are still on the
+        device (it does not log). The bar keeps showing the last values read."""
+        if self.bar is not None and steps_done != self.bar.n:
+            self.bar.update(steps_done - self.bar.n)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

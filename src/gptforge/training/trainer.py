@@ -75,6 +75,21 @@ def resolve_data_dir(cfg: TrainConfig, env: distrib.DistEnv) -> Path:
     return path
 
 
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> bool:
+    """optimizer.step(), skipped on the device where `skip` (a 0-dim bool tensor) is true: the way
+    GradScaler hands its found_inf to an optimizer that takes one (fused AdamW: the kernel leaves
+    the weights and moments as they are and the step count is put back), so no sync. Returns False,
+    having done nothing, for an optimizer that cannot (for-each or single-tensor AdamW)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    optimizer.found_inf, optimizer.grad_scale = skip.float(), None
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
+    return True
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -137,6 +152,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
         self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
+        self.queued: list[tuple[dict, torch.Tensor]] = []  # steps whose values the host has not read
+        self.halted = torch.zeros((), dtype=torch.bool, device=self.rt.device)  # a non-finite loss was queued
+        self.streak_end: dict | None = None  # the row of max_skips spikes in a row, read and not yet rolled back
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -175,6 +193,7 @@ class Trainer:
         ckpt.restore_rng(state["rng"], self.env.rank, self.env.world_size, self.rt.device)  # each rank its own
 
     def train_state(self) -> dict:
+        assert not self.queued, "the steps queued must be read (and the spike guard caught up) before a save"
         loader_states = [self.loader.state_dict()]
         if self.env.enabled:  # every rank's position, so any world size can resume
             gathered = [None] * self.env.world_size
@@ -203,51 +222,103 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- steps
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches. Returns the metrics row."""
+    def train_step(self, read: bool | None = None) -> dict:
+        """Queue one optimizer step over grad_accum_steps micro-batches; return its metrics row.
+
+        The host reads the device only on a logging step (`read`; by default every
+        run.log_every-th): that step is timed, with the device synchronized where the clock is
+        read, and reads its loss and grad norm together with those of the steps queued since the
+        last read, in one transfer (`read_values`), which fills in their rows. Other steps leave
+        them on the device: whether an update is skipped (a non-finite loss, the spike guard) is
+        decided there and masks the optimizer step (`step_unless`). An optimizer that cannot
+        take that mask makes the host read each step before its update instead."""
         cfg, plan = self.cfg, self.plan
-        synchronize(self.rt.device)
-        t0 = time.perf_counter()
+        read = self.step % cfg.run.log_every == 0 if read is None else read
+        if read:
+            synchronize(self.rt.device)
+            t0 = time.perf_counter()
         lr = lr_at(self.step, cfg.optim, cfg.run.max_steps) * self.lr_scale
         set_lr(self.optimizer, lr)
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(plan.grad_accum_steps):
             x, y = self.loader.next_batch()
-            last = micro == plan.grad_accum_steps - 1
-            with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y)
-                loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
-            loss_sum += loss.detach()
-            self.scaler.scale(loss).backward()
+            # backward inside too: DDP decides in forward whether to reduce, FSDP2 in backward
+            with distrib.no_sync(self.train_model, micro == plan.grad_accum_steps - 1):
+                with self.rt.autocast():
+                    _, loss = self.train_model(x, y)
+                    loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = distrib.whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         distrib.all_reduce_mean(loss_sum, self.env)
-        loss_value, norm_value = distrib.host_values(loss_sum, grad_norm)  # the step's one sync before its end
-        row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
-
-        skip_reason = self.guard.observe(loss_value, norm_value) if self.guard is not None else None
-        if skip_reason is None and not math.isfinite(loss_value):
-            raise GPTForgeError(
-                f"loss is {loss_value} at step {self.step}; stopping (the last good checkpoint is left as it was; "
-                "lower optim.lr or enable --optim.spike_guard on)"
-            )
-        if skip_reason is None:
-            self.scaler.step(self.optimizer)
-        else:
-            row.update(skipped=True, reason=skip_reason, skipped_total=self.guard.skipped_total)
+        skip, halted = self.verdict(loss_sum, grad_norm)
+        row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
+        self.queued.append((row, torch.stack([loss_sum, grad_norm.float(), skip.float(), halted.float()])))
+        if not step_unless(self.optimizer, skip):  # the device could not decide: the host does
+            if any(r is row and applied for r, applied in self.read_values()):
+                self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        synchronize(self.rt.device)
-        dt = time.perf_counter() - t0
-        tokens_per_s = plan.batch_tokens / dt
-        flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
-        if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops and not self.peaks_remeasured:
-            self.remeasure_peaks()  # the cached probe was taken on a busy machine: once a run, ~0.3 s
-        row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
+        if read:
+            synchronize(self.rt.device)
+            dt = time.perf_counter() - t0
+            self.read_values()
+            tokens_per_s = plan.batch_tokens / dt
+            flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
+            if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops and not self.peaks_remeasured:
+                self.remeasure_peaks()  # the cached probe was taken on a busy machine: once a run, ~0.3 s
+            row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
         self.step += 1
         return row
+
+    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip, halted): whether this step's update is skipped, and whether an earlier queued
+        step already stopped the run (a non-finite loss without the guard, a streak of spikes with
+        it), so that no later update lands before the host reads it. 0-dim bools on the device."""
+        if self.guard is not None:  # a non-finite loss or grad norm is a spike
+            skip, halted = self.guard.decide(loss, grad_norm)
+        else:
+            halted = self.halted
+            skip = halted | ~torch.isfinite(loss)
+            self.halted = skip
+        if self.scaler.is_enabled():  # fp16: GradScaler's own skip of an overflowing step (found_inf)
+            skip = skip | ~torch.isfinite(grad_norm)
+        return skip, halted
+
+    def read_values(self) -> list[tuple[dict, bool]]:
+        """Read the queued steps' values in one device-to-host copy and fill in their rows (loss,
+        grad norm; the spike guard's reason for a skipped one). Returns (row, update applied) per
+        step. Steps queued behind one that stopped the run are dropped (`discarded`): their
+        updates were masked and they count for nothing, since the run rolls back or ends there.
+        A non-finite loss without the guard is the error it always was."""
+        if not self.queued:
+            return []
+        values = distrib.host_values(*(v for _, v in self.queued))
+        out = []
+        for i, (row, _) in enumerate(self.queued):
+            loss, norm, skip, halted = values[4 * i: 4 * i + 4]
+            if halted:
+                row["discarded"] = True
+                continue
+            row.update(loss=loss, grad_norm=norm)
+            if self.guard is not None:
+                reason = self.guard.record(loss, norm, skipped=bool(skip))
+                if reason is not None:
+                    row.update(skipped=True, reason=reason, skipped_total=self.guard.skipped_total)
+                    if self.guard.must_roll_back:  # the streak ends here: the loop rolls back at this row
+                        self.streak_end = row
+            elif not math.isfinite(loss):
+                self.queued.clear()
+                raise GPTForgeError(
+                    f"loss is {loss} at step {row['step']}; stopping (the last good checkpoint is left as it was; "
+                    "lower optim.lr or enable --optim.spike_guard on)"
+                )
+            out.append((row, not skip))
+        self.queued.clear()
+        return out
 
     def evaluate(self) -> float:
         from gptforge.eval.perplexity import evaluate_loss
@@ -284,56 +355,78 @@ class Trainer:
                        temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
         return tok.decode(ids)
 
-    def roll_back(self) -> None:
-        """After repeated spikes: back to the last checkpoint, with a smaller learning rate."""
+    def roll_back(self, at_step: int) -> None:
+        """After repeated spikes (the streak ended with step `at_step - 1`): back to the last
+        checkpoint, with a smaller learning rate."""
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             raise GPTForgeError(
-                f"{self.guard.consecutive} consecutive loss spikes at step {self.step} and no checkpoint to roll back to"
+                f"{self.guard.consecutive} consecutive loss spikes at step {at_step} and no checkpoint to roll back to"
             )
         scale = self.lr_scale * self.cfg.optim.spike_lr_factor
         skipped = self.guard.skipped_total
         self.restore(latest)
         self.lr_scale = scale
-        self.guard.skipped_total = skipped
-        self.guard.consecutive = 0
+        self.guard.reset_streak(skipped)
         self.report.log({"step": self.step, "event": "rollback", "checkpoint": str(latest), "lr_scale": scale})
         self.report.print(f"rolled back to {latest.name} after repeated spikes; learning rate now x{scale:g}")
 
     # ----------------------------------------------------------------- loop
     def run(self) -> TrainResult:
+        """The loop. Rows are handled when the host has read them: at every logging step, and
+        before anything that needs the step's outcome (an evaluation, a sample, a checkpoint, a
+        stop, the end). So a skipped step, a rollback or a non-finite loss between logging steps
+        is acted on there, with the same result: the masked updates left the weights as they were
+        at the skipped or failing step, and nothing queued behind it counts."""
         cfg, res = self.cfg, TrainResult()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_run_config(self.run_dir, cfg.record())
             self.report.print(self.banner())
         start_time = time.time()
+        timed_out = lambda: bool(cfg.run.max_minutes) and time.time() - start_time > cfg.run.max_minutes * 60  # noqa: E731
+        unhandled: list[dict] = []  # rows returned by train_step that the loop has not acted on
         try:
             with StopRequest() as stop:
                 while self.step < cfg.run.max_steps:
-                    row = self.train_step()
-                    res.losses[row["step"]] = row["loss"]
-                    if row["step"] % cfg.run.log_every == 0 or row.get("skipped"):
-                        self.report.log(row)
-                    if row.get("skipped"):
-                        self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
-                        if self.guard.must_roll_back:
-                            self.roll_back()
-                        continue  # no eval or checkpoint in a spike streak: the weights are suspect
+                    unhandled.append(self.train_step())
                     done = self.step >= cfg.run.max_steps
                     evaluated = bool(cfg.run.eval_every) and self.step % cfg.run.eval_every == 0 and not done
+                    hellaswag_now = bool(cfg.run.hellaswag_every) and self.step % cfg.run.hellaswag_every == 0
+                    sample_now = (self.step % cfg.run.sample_every == 0 if cfg.run.sample_every else evaluated) and not done
+                    ckpt_now = bool(cfg.run.ckpt_every) and self.step % cfg.run.ckpt_every == 0 and not done
+                    if self.queued:  # values still on the device: read them only if something needs them now
+                        if not (done or evaluated or hellaswag_now or sample_now or ckpt_now or stop.requested or timed_out()):
+                            self.report.tick(self.step)
+                            continue
+                        self.read_values()
+                    rows, unhandled = unhandled, []
+                    rolled_back = False
+                    for row in rows:
+                        assert not row.get("discarded"), "a step queued behind a stop was not dropped"
+                        res.losses[row["step"]] = row["loss"]
+                        if row["step"] % cfg.run.log_every == 0 or row.get("skipped"):
+                            self.report.log(row)
+                        if row.get("skipped"):
+                            self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
+                        if row is self.streak_end:
+                            self.streak_end = None
+                            self.roll_back(at_step=row["step"] + 1)  # the steps queued behind are dropped
+                            rolled_back = True
+                            break
+                    self.report.tick(self.step)
+                    if rolled_back or rows[-1].get("skipped"):
+                        continue  # no eval or checkpoint in a spike streak: the weights are suspect
                     if evaluated:
                         res.val_loss = self.evaluate()
-                    if cfg.run.hellaswag_every and self.step % cfg.run.hellaswag_every == 0:
+                    if hellaswag_now:
                         self.hellaswag()
-                    sample_now = self.step % cfg.run.sample_every == 0 if cfg.run.sample_every else evaluated
-                    if sample_now and not done and self.samples_here:
+                    if sample_now and self.samples_here:
                         sample = self.sample()
                         self.report.print(f"step {self.step:>6} | sample: {sample!r}")
-                    if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and not done:
+                    if ckpt_now:
                         res.last_checkpoint = self.save()
-                    timed_out = cfg.run.max_minutes and time.time() - start_time > cfg.run.max_minutes * 60
-                    if stop.requested or timed_out:
+                    if stop.requested or timed_out():
                         res.stopped = "interrupted" if stop.requested else "time limit"
                         break
             res.val_loss = self.evaluate()
