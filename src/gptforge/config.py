@@ -100,7 +100,7 @@ class RunArgs:
     eval_every: int = arg(20, "steps between validation passes (0 = only at the end)")
     eval_tokens: int = arg(32768, "validation tokens per pass (0 = the whole split)")
     sample_every: int = arg(0, "steps between short samples (0 = with every evaluation, and at the end)")
-    sample_tokens: int = arg(64, "tokens in each sample")
+    sample_tokens: int = arg(64, "tokens in each sample (0 = no samples, mid-run or at the end)")
     ckpt_every: int = arg(20, "steps between checkpoints (0 = only at the end)")
     keep_last: int = arg(3, "checkpoints kept")
     log_every: int = arg(1, "steps between metrics rows")
@@ -285,11 +285,11 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.batch_tokens must be > 0, got {o.batch_tokens}")
     if o.micro_batch_size < 0:
         p.append(f"optim.micro_batch_size must be > 0, or auto (0), got {o.micro_batch_size}")
-    for name in ("max_steps", "keep_last", "log_every", "sample_tokens"):
+    for name in ("max_steps", "keep_last", "log_every"):
         if getattr(r, name) <= 0:
             p.append(f"run.{name} must be > 0, got {getattr(r, name)}")
-    for sec, name in (("run", "eval_every"), ("run", "ckpt_every"), ("run", "sample_every"), ("run", "eval_tokens"),
-                      ("run", "hellaswag_every"), ("optim", "warmup_steps"), ("optim", "decay_steps"),
+    for sec, name in (("run", "eval_every"), ("run", "ckpt_every"), ("run", "sample_every"), ("run", "sample_tokens"),
+                      ("run", "eval_tokens"), ("run", "hellaswag_every"), ("optim", "warmup_steps"), ("optim", "decay_steps"),
                       ("data", "seq_len"), ("data", "prefetch")):
         if getattr(getattr(cfg, sec), name) < 0:
             p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")

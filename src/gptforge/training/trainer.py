@@ -269,7 +269,10 @@ class Trainer:
 
     @property
     def samples_here(self) -> bool:
-        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights)."""
+        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights).
+        With run.sample_tokens 0 nobody does: no sample mid-run nor at the end."""
+        if self.cfg.run.sample_tokens == 0:
+            return False
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
     def sample(self, prompt: str = "\n") -> str:
