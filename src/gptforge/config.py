@@ -112,7 +112,7 @@ class RunArgs:
     hellaswag_every: int = arg(0, "steps between HellaSwag evaluations (0 = off)")
     hellaswag_path: str = arg("", "HellaSwag jsonl for in-training evaluation")
     max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
-    lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see device.choose_lm_head_loss")
+    lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see measure.choose_lm_head_loss")
 
 
 @dataclass
@@ -225,8 +225,32 @@ def apply_dict(cfg: TrainConfig, d: dict, where: str) -> None:
             set_value(cfg, f"{section_name}.{key}", value, where)
 
 
+def packaged_configs() -> dict[str, Path]:
+    """name -> path of the TOML recipes shipped in the package (gptforge/configs/*.toml)."""
+    import importlib.resources
+
+    root = importlib.resources.files("gptforge") / "configs"
+    return {f.name[: -len(".toml")]: Path(str(f)) for f in root.iterdir() if f.name.endswith(".toml")}
+
+
+def packaged_config(spec: str | Path) -> Path:
+    """The config file `--config` names: a path that exists wins; else a packaged config by name
+    (`gpt2-124m` or `gpt2-124m.toml`), from any directory; else one error listing those names."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
+    if name in packaged and str(spec) in (name, f"{name}.toml"):
+        return packaged[name]
+    hint = f" (a packaged config is named so: --config {name})" if name in packaged else ""
+    raise GPTForgeError(f"--config {spec}: no such file{hint}; expected a TOML path or a packaged config: "
+                        f"{', '.join(sorted(packaged))}")
+
+
 def load_toml(path: str | Path) -> dict:
-    path = Path(path)
+    """The tables of a config file: a path, or a packaged config's name (see packaged_config)."""
+    path = packaged_config(path)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
