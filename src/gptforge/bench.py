@@ -39,8 +39,8 @@ import torch
 from gptforge import __version__
 from gptforge import config as C
 from gptforge.device import resolve_device
-from gptforge.measure import cpu_has_fast_bf16, cpu_model_name, gpu_peak_tflops
 from gptforge.errors import GPTForgeError
+from gptforge.measure import cpu_has_fast_bf16, cpu_model_name, gpu_peak_tflops
 from gptforge.model import PRESETS, preset
 
 
