@@ -5,8 +5,8 @@
   denominators on a CPU, and the rates by which `precision auto` chooses there (gptforge.device);
 - the LM-head loss: its chunk sizes per device and the rule of `run.lm_head_loss auto`.
 
-It sits below gptforge.device (whose `precision auto` reads the probe) and imports only torch,
-errors and fsutil.
+It sits below gptforge.device (whose `precision auto` reads the probe) and imports only torch
+(and gptforge.fsutil, for the probe's cache).
 """
 
 from __future__ import annotations
