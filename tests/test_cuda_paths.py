@@ -1,14 +1,20 @@
 """CUDA-only branches checked on a CPU: the GPU peak table's name matching, one device per rank
-set before CUDA is touched, and the host syncs of a training step (see tests/test_gpu.py for
-the same paths on a GPU)."""
+set before CUDA is touched (and no explicit GPU index under torchrun), the host syncs of a
+training step, each rank's own GPU generator in checkpoints (a fake torch.cuda), and a GPU-sized
+model refusing to fall back to the CPU (see tests/test_gpu.py for the same paths on a GPU)."""
 
 from __future__ import annotations
 
+import math
+import re
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from gptforge.errors import GPTForgeError
 from gptforge.measure import GPU_PEAK_TFLOPS, gpu_peak_tflops, gpu_table_key
 from gptforge.training import distributed as distrib
 
@@ -104,3 +110,149 @@ def test_a_training_step_reads_the_device_once(tmp_path, shards_dir, monkeypatch
     assert reads == ["tolist", "tolist"], reads
     assert len(syncs) == 4  # before and after each timed step (no-ops on a CPU)
     assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in rows)
+
+
+# ----------------------------------------------------------------------------- issue 17
+def test_an_explicit_gpu_index_under_torchrun_is_an_error(monkeypatch):
+    """`--run.device cuda:0` under torchrun put every rank on GPU 0; the index is LOCAL_RANK's."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    env = distrib.DistEnv.from_env()
+    with pytest.raises(GPTForgeError, match=r"run.device is 'cuda:0' under torchrun \(2 ranks\): each rank takes "
+                                            r"cuda:LOCAL_RANK itself; use --run.device cuda"):
+        distrib.device_for(env, "cuda:0")
+    assert distrib.device_for(env, "cuda") == "cuda:1" and distrib.device_for(env, "auto") == "cuda:1"
+    assert distrib.device_for(env, "cpu") == "cpu"
+    assert distrib.device_for(distrib.DistEnv(), "cuda:1") == "cuda:1"  # one process: any GPU it names
+
+
+GPT2_124M = Path(__file__).parent.parent / "configs" / "gpt2-124m.toml"
+
+
+class FakeCuda:
+    """torch.cuda's generator functions over `count` visible GPUs, each generator state a distinct
+    tensor; like torch's, an index past the visible GPUs is an IndexError."""
+
+    def __init__(self, monkeypatch, count: int):
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(count)]
+        def idx(device) -> int:
+            if isinstance(device, int):
+                return device
+            return torch.device(device).index or 0 if device is not None else 0
+
+        patches = {
+            "is_available": lambda: True, "device_count": lambda: count,
+            "get_rng_state": lambda device="cuda": self.states[idx(device)].clone(),
+            "set_rng_state": lambda state, device="cuda": self._set(idx(device), state),
+            "get_rng_state_all": lambda: [s.clone() for s in self.states],
+            "set_rng_state_all": lambda states: [self._set(i, s) for i, s in enumerate(states)],
+        }
+        for name, fn in patches.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def _set(self, i: int, state: torch.Tensor) -> None:
+        self.states[i]  # noqa: B018 (IndexError where torch's default_generators[i] has none)
+        self.states[i] = state.clone()
+
+
+def test_each_rank_saves_its_own_gpu_generator_and_restores_it_by_rank(monkeypatch):
+    """A checkpoint of 8 GPUs resumed where one is visible: rank 0's state onto cuda:0, no
+    IndexError (rank 0 used to save and restore get_rng_state_all: one state per visible GPU)."""
+    from gptforge.training import checkpoint as ckpt
+
+    cuda = FakeCuda(monkeypatch, 8)
+    saved = []
+    for rank in range(8):  # as 8 ranks save them: each its own GPU's generator, and its own CPU state
+        torch.manual_seed(100 + rank)
+        saved.append(ckpt.rng_state(torch.device("cuda", rank)))
+        assert torch.equal(saved[-1]["cuda"], cuda.states[rank])
+    FakeCuda(monkeypatch, 1)  # a machine with one GPU
+    with pytest.warns(UserWarning, match=r"RNG states of 8 rank\(s\) on 1: .*only without dropout"):
+        ckpt.restore_rng(saved, 0, 1, torch.device("cuda", 0))
+    assert torch.equal(torch.cuda.get_rng_state(0), saved[0]["cuda"])
+    assert torch.equal(torch.get_rng_state(), saved[0]["torch"])
+    # the same world size: rank 3 takes rank 3's states, its CPU generator's too
+    cuda = FakeCuda(monkeypatch, 8)
+    ckpt.restore_rng(saved, 3, 8, torch.device("cuda", 3))
+    assert torch.equal(cuda.states[3], saved[3]["cuda"]) and torch.equal(torch.get_rng_state(), saved[3]["torch"])
+    assert torch.equal(cuda.states[0], torch.full((16,), 0, dtype=torch.uint8))  # the others untouched
+    # a checkpoint before per-rank states: one dict, every visible GPU's generator of rank 0
+    FakeCuda(monkeypatch, 1)
+    old = {**saved[0], "cuda": [torch.full((16,), 50 + i, dtype=torch.uint8) for i in range(8)]}
+    ckpt.restore_rng(old, 0, 1, torch.device("cuda", 0))
+    assert torch.equal(torch.cuda.get_rng_state(0), old["cuda"][0])
+    ckpt.restore_rng(saved[:1], 0, 1, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: no GPU to restore
+
+
+def test_a_gpu_sized_model_does_not_fall_back_to_the_cpu(shards_dir, tmp_path, capsys):
+    """configs/gpt2-124m.toml with device auto and no usable CUDA: one line saying why (torch's
+    own reason) and how to force the CPU, where it used to start a 124M run on the CPU."""
+    from gptforge import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = ["train", "--config", str(GPT2_124M), "--data.dir", str(shards_dir), "--run.dir", str(tmp_path / "run")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"gptforge train: error: run.device auto found no GPU \((.+)\) for a model of 124M parameters, "
+                        r"which is GPU work; to train it on the CPU anyway, pass --run.device cpu", err), err
+    if torch.version.cuda is None:  # this CPU wheel
+        assert f"this torch ({torch.__version__}) is a CPU-only build: torch.version.cuda is None" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_reason_cuda_is_unavailable_is_torchs_own(monkeypatch):
+    from gptforge.device import GPU_SCALE_PARAMS, cuda_unavailable_reason
+    from gptforge.model import GPT, preset
+
+    with torch.device("meta"):
+        assert GPT(preset("gpt2")).num_params(non_embedding=True) == GPU_SCALE_PARAMS
+
+    def no_driver():
+        warnings.warn("CUDA initialization: Found no NVIDIA driver on your system. Please check that you have an "
+                      "NVIDIA GPU and installed a driver")
+        return False
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", no_driver)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    why = cuda_unavailable_reason()
+    assert why.startswith(f"torch {torch.__version__} (CUDA 12.8) sees 0 GPUs (CUDA_VISIBLE_DEVICES='')")
+    assert why.endswith("CUDA initialization: Found no NVIDIA driver on your system. Please check that you have an "
+                        "NVIDIA GPU and installed a driver")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_unavailable_reason().endswith(": no NVIDIA driver or device found")
+
+
+def test_only_auto_refuses_and_only_a_gpu_sized_model_on_the_cpu():
+    from gptforge.device import GPU_SCALE_PARAMS, refuse_cpu_fallback
+
+    cpu = torch.device("cpu")
+    refuse_cpu_fallback("cpu", cpu, 10 * GPU_SCALE_PARAMS)  # asked for: trains
+    refuse_cpu_fallback("auto", cpu, GPU_SCALE_PARAMS - 1)  # smaller than GPT-2 124M: trains on the CPU
+    refuse_cpu_fallback("auto", torch.device("mps"), GPU_SCALE_PARAMS)  # a GPU was found
+    with pytest.raises(GPTForgeError, match=r"run.device auto found no GPU .* for a model of 124M parameters"):
+        refuse_cpu_fallback("auto", cpu, GPU_SCALE_PARAMS)
+
+
+@pytest.mark.slow
+def test_an_explicit_cpu_still_trains_a_gpu_sized_model(shards_dir, tmp_path):
+    from gptforge import config as C
+    from gptforge.training.trainer import Trainer
+
+    over = {"data.dir": shards_dir, "run.dir": tmp_path / "run", "run.device": "cpu", "run.precision": "fp32",
+            "run.compile": "false", "data.seq_len": 16, "data.prefetch": 0, "optim.batch_tokens": 32,
+            "optim.micro_batch_size": 2, "run.peak_tflops": 1.0, "data.verify": "off"}
+    t = Trainer(C.resolve(GPT2_124M, [(k, str(v)) for k, v in over.items()]), progress=False)
+    try:
+        assert t.model.num_params() > 124e6 and t.rt.device.type == "cpu"
+        assert math.isfinite(t.train_step()["loss"])
+    finally:
+        t.loader.close()
+        t.val_loader.close()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptforge import config as C
 from gptforge.training import checkpoint as ckpt
@@ -251,3 +252,279 @@ def test_init_from_under_fsdp_equals_one_process(single, shards_dir, tmp_path):
     run = tmp_path / "fsdp"
     ok(torchrun(run, shards_dir, **{"run.dist": "fsdp", "model.init_from": src}))
     assert_close(train_losses(run), one.losses, range(STEPS))
+
+
+# ------------------------------------------------------------------ issue 17: the device / distributed defects
+OOM_IN_BACKWARD = """
+    import sys
+
+    import torch
+
+    import gptforge.model as M
+    from gptforge.training import fit
+
+
+    class SimulatedGPU:  # micro-batch auto's trial steps on the CPU, as on a GPU with memory to spare
+        def name(self):
+            return "simulated GPU"
+
+        def total(self):
+            return 1 << 40
+
+        def reset_peak(self):
+            pass
+
+        def peak(self):
+            return 1 << 30
+
+        def release(self):
+            pass
+
+
+    fit.device_memory = lambda device: SimulatedGPU()
+
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+    forward, armed = M.Block.forward, [True]
+
+
+    def block_forward(self, x, kv_cache=None):
+        out = forward(self, x, kv_cache)
+        # the first block of the first trial (the whole per-rank batch of 8), on both ranks: backward
+        # fails after the last block's backward has run and the first block has been gathered
+        if armed[0] and torch.is_grad_enabled() and x.size(0) == 8:
+            armed[0] = False
+            out = OutOfMemoryInBackward.apply(out)
+        return out
+
+
+    M.Block.forward = block_forward
+    from gptforge.cli import main
+
+    sys.exit(main())
+"""
+
+
+def test_fsdp_out_of_memory_inside_a_trial_backward_leaves_no_trace(fsdp, shards_dir, tmp_path):
+    """micro-batch auto under FSDP2: the first trial runs out of memory inside backward. FSDP's
+    per-iteration state is reset (it used to stay set: every later step kept the parameters
+    unsharded, and the weights copied back were shard-shaped), the next size fits, and the run
+    is bitwise the one that never tried (2 ranks x 4, given)."""
+    script = tmp_path / "oom_in_backward.py"
+    script.write_text(textwrap.dedent(OOM_IN_BACKWARD))
+    run = tmp_path / "run"
+    ok(torchrun(run, shards_dir, script=script, **{"run.dist": "fsdp", "optim.micro_batch_size": "auto"}))
+    chosen = json.loads((run / "config.json").read_text())["resolved"]["micro_batch"]
+    assert chosen["size"] == 4 and "(8 ran out of memory)" in chosen["reason"], chosen
+    got, want = train_losses(run), train_losses(fsdp[0])
+    for s in range(STEPS):
+        assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
+    assert final_val(run) == final_val(fsdp[0])
+
+
+def test_each_rank_has_its_own_rng_saved_and_restored_by_rank(shards_dir, tmp_path):
+    """Dropout under DDP: ranks are seeded apart (seed + rank: their own masks); each rank's
+    generator state is saved, one per rank, and restored by rank (rank 0's state used to be saved
+    and given to every rank). A resume is bitwise and ends with every rank's generator where the
+    uninterrupted run's is; one process resuming the 2-rank checkpoint is told what it loses."""
+    over = {"model.dropout": "0.1"}
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    ok(torchrun(run, shards_dir, **over))
+    saved = ckpt.load_train_state(mid(run))["rng"]
+    assert isinstance(saved, list) and len(saved) == 2
+    assert not torch.equal(saved[0]["torch"], saved[1]["torch"])
+    ok(torchrun(resumed, shards_dir, "--resume", str(mid(run)), **over))
+    got, want = train_losses(resumed), train_losses(run)
+    assert sorted(got) == list(range(HALF, STEPS)) and all(got[s] == want[s] for s in got), (got, want)
+    end, end_resumed = (ckpt.load_train_state(ckpt.latest_checkpoint(r))["rng"] for r in (run, resumed))
+    for rank in range(2):
+        assert torch.equal(end[rank]["torch"], end_resumed[rank]["torch"]), rank
+    with pytest.warns(UserWarning, match=r"RNG states of 2 rank\(s\) on 1: .*only without dropout"):
+        res = train(C.resolve(None, list(overrides(tmp_path / "one", shards_dir, 8, **over).items())),
+                    resume=str(mid(run)), progress=False)
+    assert sorted(res.losses) == list(range(HALF, STEPS))
+
+
+WRAPS = """
+    import json
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp_api
+
+    from gptforge.model import GPT, preset
+    from gptforge.sampling import generate
+    from gptforge.training import distributed as distrib
+
+    env = distrib.DistEnv.from_env()
+    cpu = torch.device("cpu")
+    distrib.init(env, cpu)
+    out = {}
+
+
+    def fresh():
+        torch.manual_seed(0)  # the same weights on every rank
+        return GPT(preset("nano", vocab_size=512))
+
+
+    # sampling from an FSDP2-wrapped model: every rank runs the forwards; the text is one process's
+    prompt = list(range(100, 108))
+    want = generate(fresh(), prompt, 12, temperature=1.0, top_k=50, seed=0, stop_at_eot=False)
+    sharded = distrib.wrap(fresh(), env, cpu, "fsdp")
+    out["sample"] = [generate(sharded, prompt, 12, temperature=1.0, top_k=50, seed=0, stop_at_eot=False), want]
+
+    # compile under FSDP2: each block compiled, in place, before it is sharded ("eager": cheap here)
+    real, shards = fsdp_api.fully_shard, []
+
+
+    def recording(module, **kwargs):
+        shards.append([type(module).__name__, getattr(module, "_compiled_call_impl", None) is not None])
+        return real(module, **kwargs)
+
+
+    fsdp_api.fully_shard = recording
+    compiled = distrib.wrap(fresh(), env, cpu, "fsdp", compile=True, compile_backend="eager")
+    fsdp_api.fully_shard = real
+    out["shards"] = shards
+    out["same_keys"] = list(compiled.state_dict()) == list(fresh().state_dict())
+
+
+    def steps(model, train_model, n=3):
+        # bf16 autocast, as the trainer runs it; each rank its own batch, the same at every step
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1 + env.rank))
+        losses, residual = [], set()
+        for block in model.transformer.h:
+            block.register_forward_hook(lambda m, args, o: residual.add(str(o.dtype).split(".")[-1]))
+        for _ in range(n):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = train_model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = loss.detach().float().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / env.world_size)
+        return {"losses": losses, "residual": sorted(residual)}
+
+
+    plain = fresh()
+    out["ddp"] = steps(plain, distrib.wrap(plain, env, cpu, "ddp"))
+    fsdp = distrib.wrap(fresh(), env, cpu, "fsdp")
+    out["fsdp"] = steps(fsdp, fsdp)
+    out["fsdp_compiled"] = steps(compiled, compiled)
+    if env.is_main:
+        print("RESULT " + json.dumps(out))
+    distrib.shutdown(env)
+"""
+
+
+def test_fsdp_sampling_compile_and_bf16_numerics(tmp_path):
+    """On 2 ranks: sampling from an FSDP2 model (no_grad, not inference_mode) equals one process;
+    wrap(compile=True) under FSDP2 compiles each block before sharding it, in place (the same
+    state-dict keys) and trains as eagerly; and under bf16 autocast FSDP2 trains like DDP, the
+    residual stream fp32 in both (no bf16 MixedPrecisionPolicy)."""
+    script = tmp_path / "wraps.py"
+    script.write_text(textwrap.dedent(WRAPS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env))
+    out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    got, want = out["sample"]
+    assert got == want and len(got) == 12
+    assert out["shards"] == [["Block", True], ["Block", True], ["GPT", False]], out["shards"]
+    assert out["same_keys"]
+    ddp, fsdp, compiled = out["ddp"], out["fsdp"], out["fsdp_compiled"]
+    assert ddp["residual"] == fsdp["residual"] == ["float32"]
+    for a, b, c in zip(ddp["losses"], fsdp["losses"], compiled["losses"]):
+        assert abs(a - b) < 1e-5 and abs(b - c) < 1e-5, (ddp, fsdp, compiled)
+    assert fsdp["losses"][-1] < fsdp["losses"][0]
+
+
+VERIFY_LOGGED = """
+    import os
+    import sys
+
+    from gptforge.data import verify
+
+    real = verify.verify_shards
+
+
+    def logged(*args, **kwargs):  # one line per verification: node, global rank, local rank, shards hashed
+        report = real(*args, **kwargs)
+        with open(os.environ["VERIFY_LOG"], "a") as f:
+            f.write(f"{os.environ['GROUP_RANK']} {os.environ['RANK']} {os.environ['LOCAL_RANK']} {report['hashed']}\\n")
+        return report
+
+
+    verify.verify_shards = logged
+    from gptforge.cli import main
+
+    sys.exit(main())
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(run_dir: Path, data_dir: Path, tmp_path: Path, *args: str, timeout: float = 240) -> list[str]:
+    """`torchrun --nnodes=2 --nproc_per_node=1` twice on this machine, as two nodes of one job
+    (c10d rendezvous, loopback only, gloo over `lo`), each with its own gptforge cache as a machine
+    of its own would have. Returns each node's verification log lines; rank 0's stdout is checked."""
+    script = tmp_path / "verify_logged.py"
+    script.write_text(textwrap.dedent(VERIFY_LOGGED))
+    log = tmp_path / f"verify_{run_dir.name}.log"
+    flags = [a for k, v in overrides(run_dir, data_dir, 4).items() for a in (f"--{k}", v)]
+    port, procs = free_port(), []
+    try:
+        for node in (0, 1):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo",
+                   "GPTFORGE_CACHE": str(tmp_path / f"cache_node{node}"), "VERIFY_LOG": str(log)}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=gptforge-{run_dir.name}",
+                   f"--rdzv-conf=is_host={int(node == 0)}", "--local-addr=127.0.0.1", "--max-restarts=0",
+                   str(script), "train", *flags, *args]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (out, err) in zip(procs, outs):
+        ok(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    assert sum(out.count("world size 2") for out, _ in outs) == 1  # global rank 0 alone prints
+    return log.read_text().splitlines()
+
+
+def test_two_nodes_train_as_one_process_and_resume(single, shards_dir, tmp_path):
+    """Two nodes of one process each: every node's LOCAL_RANK 0 verifies the shards (once per
+    node: here each node hashes them all into its own cache), training equals one process, and
+    a resume on two nodes is bitwise."""
+    run = tmp_path / "run"
+    lines = two_nodes(run, shards_dir, tmp_path)
+    nodes = sorted(line.split() for line in lines)
+    assert [n[:3] for n in nodes] == [["0", "0", "0"], ["1", "1", "0"]], lines  # node, rank, local rank 0
+    assert all(int(n[3]) > 0 for n in nodes), lines  # each node hashed the shards itself
+    assert_close(train_losses(run), train_losses(single), range(STEPS))
+    assert abs(final_val(run) - final_val(single)) < TOL
+    resumed = tmp_path / "resumed"
+    lines = two_nodes(resumed, shards_dir, tmp_path, "--resume", str(mid(run)))
+    assert sorted(line.split()[:2] for line in lines) == [["0", "0"], ["1", "1"]]
+    assert all(line.split()[3] == "0" for line in lines), lines  # remembered: each node's cache
+    got, want = train_losses(resumed), train_losses(run)
+    assert sorted(got) == list(range(HALF, STEPS)) and all(got[s] == want[s] for s in got), (got, want)

@@ -1,6 +1,8 @@
 """Fine-tuning: `model.init_from` (HF GPT-2 directory, gptforge run directory), block-size crop,
 contradicting keys, resume after init_from; activation checkpointing (same loss and gradients);
-`optim.micro_batch_size auto` (a divisor that fits, the same trajectory as the size given)."""
+`optim.micro_batch_size auto` (a divisor that fits, the same trajectory as the size given; on a
+GPU, simulated here, a margin of its memory kept free and cuBLAS/NCCL allocation failures taken
+for out-of-memory)."""
 
 from __future__ import annotations
 
@@ -285,3 +287,93 @@ def test_auto_on_cuda_trial_steps_change_nothing(shards_dir, tmp_path):
     b = fresh.run()
     for s in a.losses:  # dropout 0.1: the RNG was restored too (GPU kernels: not bitwise)
         assert a.losses[s] == pytest.approx(b.losses[s], abs=1e-5)
+
+
+class SimulatedGPU:
+    """A GPU's memory as micro-batch auto's trial steps see it: `total` bytes, and each size's
+    trial peak, or an exception for a size that fails (raised as the trial's batch is made)."""
+
+    def __init__(self, total: int, peaks: dict):
+        self.total_bytes, self.peaks, self.size = total, peaks, None
+
+    def name(self) -> str:
+        return "Simulated GPU"
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def reset_peak(self) -> None:
+        self.size = None
+
+    def peak(self) -> int:
+        return self.peaks[self.size] if isinstance(self.peaks.get(self.size), int) else 0
+
+    def release(self) -> None:
+        pass
+
+    def batch(self, real):
+        def make(model, b, seq_len, device):
+            self.size = b
+            if isinstance(self.peaks[b], BaseException):
+                raise self.peaks[b]
+            return real(model, b, seq_len, device)
+        return make
+
+
+_REAL_BATCH = fit._batch
+
+
+def _choose_on(gpu: SimulatedGPU, monkeypatch, tmp_path, per_rank: int = 8):
+    """fit.choose as the trainer calls it on a GPU, here on a CPU with simulated device memory."""
+    from gptforge.training.distributed import DistEnv
+    from gptforge.training.optim import make_optimizer
+
+    monkeypatch.setattr(fit, "device_memory", lambda device: gpu)
+    monkeypatch.setattr(fit, "_batch", gpu.batch(_REAL_BATCH))
+    cfg = cfg_of(tmp_path, tmp_path, **{"model.preset": "nano", "model.dropout": 0.1,
+                                        "optim.batch_tokens": per_rank * SEQ, "optim.micro_batch_size": "auto"})
+    torch.manual_seed(0)
+    model = GPT(preset("nano", dropout=0.1, vocab_size=256))  # a small vocabulary: quick trial steps
+    optimizer = make_optimizer(model, cfg.optim, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    micro = fit.choose(cfg, model, model, optimizer, _cpu_fp32(), DistEnv(), SEQ)
+    for p, q in zip(before, model.parameters()):  # the trials changed nothing the run starts from
+        assert torch.equal(p, q)
+    assert not optimizer.state and torch.equal(torch.get_rng_state(), rng)
+    return micro
+
+
+def test_auto_keeps_a_margin_of_the_gpus_memory(monkeypatch, tmp_path):
+    """The first size whose trial step fits is not enough: its peak must leave HEADROOM (10%) of
+    the device free for compile workspaces, NCCL buffers, fragmentation and evaluation; the
+    banner's reason says so. (Before, 4 was taken here at 95% of the memory.)"""
+    GiB = 2**30
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    gpu = SimulatedGPU(100 * GiB, {8: oom, 4: 95 * GiB, 2: 50 * GiB, 1: 30 * GiB})
+    micro = _choose_on(gpu, monkeypatch, tmp_path)
+    assert micro.size == 2 and fit.HEADROOM == 0.10
+    assert micro.reason == ("auto: a trial step of 2 x 32 tokens peaked at 50.0 of 100.0 GiB, keeping at least 10% "
+                            "free for compile workspaces, NCCL buffers, fragmentation and evaluation (8 ran out of "
+                            "memory; 4 peaked at 95.0 GiB, over 90%)")
+    # at exactly the line, it fits
+    assert _choose_on(SimulatedGPU(100 * GiB, {8: 90 * GiB}), monkeypatch, tmp_path).size == 8
+
+
+def test_auto_takes_cublas_and_nccl_allocation_failures_for_out_of_memory(monkeypatch, tmp_path):
+    GiB = 2**30
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    nccl = RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error (run with NCCL_DEBUG=INFO "
+                        "for details), NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\n"
+                        "Last error:\nCuda failure 2 'out of memory'")
+    micro = _choose_on(SimulatedGPU(100 * GiB, {8: cublas, 4: nccl, 2: 10 * GiB}), monkeypatch, tmp_path)
+    assert micro.size == 2 and "(8 ran out of memory; 4 ran out of memory)" in micro.reason
+    assert fit.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not fit.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not fit.is_out_of_memory(ValueError("out of memory"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # any other error is the run's end
+        _choose_on(SimulatedGPU(100 * GiB, {8: RuntimeError("mat1 and mat2 shapes cannot be multiplied")}),
+                   monkeypatch, tmp_path)
+    with pytest.raises(GPTForgeError, match=r"does not fit even one sequence of seq_len 32 on Simulated GPU "
+                                            r"\(100.0 GiB\) with 10% of it kept free"):
+        _choose_on(SimulatedGPU(100 * GiB, {8: 99 * GiB, 4: 98 * GiB, 2: 97 * GiB, 1: 96 * GiB}), monkeypatch, tmp_path)

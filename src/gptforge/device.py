@@ -34,8 +34,47 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise GPTForgeError(f"run.device: unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GPTForgeError(f"run.device is {name!r} but CUDA is not available on this machine; use --run.device cpu")
+        raise GPTForgeError(f"run.device is {name!r} but CUDA is not available ({cuda_unavailable_reason()}); "
+                            "use --run.device cpu")
     return dev
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch.cuda.is_available() is False here, in torch's own terms: a CPU-only build, the
+    warning its CUDA initialization gave (no driver, a driver too old), or no visible device."""
+    import warnings
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build: torch.version.cuda is None"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count()
+    said = "; ".join(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    if available and count:
+        return "CUDA is available"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {count} GPUs"
+    if visible is not None:
+        why += f" (CUDA_VISIBLE_DEVICES={visible!r})"
+    return why + (f": {said}" if said else ": no NVIDIA driver or device found")
+
+
+# Models this large are GPU jobs: `run.device auto` stops rather than train one on a CPU. The
+# count of GPT-2 124M without its position embedding (model.num_params(non_embedding=True)), so a
+# shorter block_size or a padded vocabulary does not move a model across the line.
+GPU_SCALE_PARAMS = 123_653_376
+
+
+def refuse_cpu_fallback(requested: str, device: torch.device, num_params: int) -> None:
+    """A model of GPT-2 124M's size or more with `run.device auto` and no GPU found: stop with
+    why CUDA is unavailable, rather than start a run of weeks on the CPU. An explicit
+    `run.device cpu` trains anyway."""
+    if requested == "auto" and device.type == "cpu" and num_params >= GPU_SCALE_PARAMS:
+        raise GPTForgeError(
+            f"run.device auto found no GPU ({cuda_unavailable_reason()}) for a model of {num_params / 1e6:.0f}M "
+            "parameters, which is GPU work; to train it on the CPU anyway, pass --run.device cpu"
+        )
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

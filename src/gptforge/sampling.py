@@ -76,7 +76,9 @@ def _cache_dtype(model: GPT, runtime: Runtime | None) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the model may be sharded by FSDP2, which rejects inference tensors in
+# several torch versions ("Inference tensors do not track version counter")
+@torch.no_grad()
 def stream_batch(
     model: GPT,
     prompt_ids: Sequence[int],

@@ -52,25 +52,57 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def rng_state() -> dict:
-    """Every RNG the training touches, as weights_only-loadable values."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNGs, as weights_only-loadable values: Python's, NumPy's, torch's CPU
+    generator and, when `device` is a GPU, that GPU's generator (only this rank's own: the others
+    belong to other ranks, or to no one)."""
     np_state = np.random.get_state()
-    state = {
+    on_gpu = device is not None and device.type == "cuda"
+    return {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if on_gpu else None,
     }
-    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what rng_state saved. A GPU generator is restored only onto a GPU (a CPU run of a
+    GPU checkpoint has none to restore). Checkpoints before one-state-per-rank saved every
+    visible GPU's generator (a list): the entry of `device`'s index is taken, when it has one."""
     random.setstate(_to_tuple(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # the old format: torch.cuda.get_rng_state_all() of rank 0
+        index = (device.index or 0) if device is not None else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def restore_rng(saved, rank: int, world_size: int, device: torch.device | None = None) -> None:
+    """This rank's RNGs from a checkpoint's `rng` entry: a list, one rng_state per saved rank (a
+    single dict in checkpoints before that: rank 0's). At the same world size each rank takes its
+    own. At another, the ranks the checkpoint had take theirs and the others keep the seed a fresh
+    run gives them (seed + rank), and rank 0 warns: the dropout masks then differ from the
+    uninterrupted run's, so it is reproduced only without dropout."""
+    states = saved if isinstance(saved, list) else [saved]
+    if not states or not all(isinstance(s, dict) for s in states):
+        raise GPTForgeError("checkpoint: the RNG state is missing or damaged")
+    if rank < len(states):
+        set_rng_state(states[rank], device)
+    if len(states) != world_size and rank == 0:
+        import warnings
+
+        others = "; ranks %d and up keep their fresh seed (seed + rank)" % len(states) if world_size > len(states) else ""
+        warnings.warn(
+            f"resuming the RNG states of {len(states)} rank(s) on {world_size}: each rank the checkpoint had takes its "
+            f"own{others}. The dropout masks differ from the uninterrupted run's from here on, so it is reproduced (to "
+            "rounding, as any change of world size allows) only without dropout (model.dropout 0)",
+            stacklevel=2,
+        )
 
 
 def _to_tuple(x):

@@ -69,7 +69,12 @@ class DistEnv:
 def device_for(env: DistEnv, requested: str) -> str:
     """One device per rank: cuda:LOCAL_RANK under torchrun when CUDA is used. It is made this
     process's current device at once, before anything touches CUDA (the precision probe, NCCL's
-    init, pinned memory): otherwise every rank would also open a context on GPU 0."""
+    init, pinned memory): otherwise every rank would also open a context on GPU 0. An explicit
+    index (`cuda:0`) under torchrun is an error: it would put every rank on that one GPU."""
+    if env.enabled and requested.startswith("cuda:"):
+        raise GPTForgeError(f"run.device is {requested!r} under torchrun ({env.world_size} ranks): each rank takes "
+                            "cuda:LOCAL_RANK itself; use --run.device cuda (or auto), and CUDA_VISIBLE_DEVICES to "
+                            "choose the GPUs")
     if env.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if env.local_rank >= count:
@@ -147,33 +152,45 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block._activation_checkpointing = True
 
 
-def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str, precision: str,
-         activation_checkpointing: bool = False) -> torch.nn.Module:
-    """Activation checkpointing (if asked), then DDP, or FSDP2 (fully_shard on every block and
-    then the root) for `mode == "fsdp"`.
+def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str,
+         activation_checkpointing: bool = False, compile: bool = False,
+         compile_backend: str = "inductor") -> torch.nn.Module:
+    """Every wrapping from outside the model, in torchtitan's order: activation checkpointing (if
+    asked), compile (if asked), then DDP or FSDP2 (fully_shard on every block and then the root)
+    for `mode == "fsdp"`. Returns the module the training step calls; `model` itself stays the
+    raw module (saved, evaluated, sampled), except that FSDP2 shards it in place.
+
+    compile: one process and DDP compile the whole (DDP-wrapped) model, as before. Under FSDP2
+    each block is compiled *before* it is sharded, in place (`Module.compile`: the parameter names
+    and state-dict keys stay the same, no `_orig_mod.`); FSDP2's hooks then run between compiled
+    blocks instead of being traced into one graph of the whole root. The embeddings, the final
+    LayerNorm and the LM-head loss run eagerly there. Compilation itself happens at the first call.
+
+    Precision: no MixedPrecisionPolicy. FSDP2 keeps fp32 parameters (gathered in fp32) and runs
+    under the trainer's autocast like DDP and one process, so the residual stream stays fp32 and
+    the numerics are theirs (a bf16 param_dtype policy would cast every block's input and output,
+    and the embeddings, to bf16). The cost: all-gathers of fp32 weights, twice a bf16 policy's bytes.
 
     Call before building the optimizer: FSDP2 replaces the parameters by sharded DTensors. Every
     rank must hold the same initial weights (same seed): FSDP2 shards what each rank has."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if not env.enabled:
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    if not env.enabled or mode == "ddp":
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+            ids = [device.index] if device.type == "cuda" else None
+            model = DDP(model, device_ids=ids)
+        return torch.compile(model, backend=compile_backend) if compile else model
     if mode != "fsdp":
         raise GPTForgeError(f"run.dist must be ddp or fsdp, got {mode!r}")
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    mp = None
-    if device.type == "cuda" and precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in model.transformer.h:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)  # the root: embeddings, final LayerNorm, tied head
+        if compile:
+            block.compile(backend=compile_backend)
+        fully_shard(block)
+    fully_shard(model)  # the root: embeddings, final LayerNorm, tied head
     return model
 
 
@@ -181,6 +198,16 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reset_after_abort(model: torch.nn.Module) -> None:
+    """After an exception inside a forward or backward (an out-of-memory trial step): FSDP2 keeps
+    its per-iteration state otherwise (the root's post-backward callback counted as queued, blocks
+    left unsharded with unreduced gradients), and every later step would run on it. torch's
+    FSDPModule.reset_iter_state (on the root) waits for in-flight collectives, reshards every
+    block and clears that state. Nothing to do for a plain or DDP model."""
+    if is_fsdp(model):
+        model.reset_iter_state()
 
 
 def forward_is_collective(model: torch.nn.Module) -> bool:

@@ -4,10 +4,14 @@ The per-rank batch is batch_tokens / (seq_len * world_size) sequences; the candi
 divisors, largest first, so gradient accumulation keeps batch_tokens exact.
 
 CUDA: a real forward + backward + optimizer step at the candidate size (random tokens, the
-training model as wrapped, the training loss path); on out-of-memory the memory is freed and
-the next candidate (the largest divisor at most half the failed size) is tried. Afterwards the
-weights, the optimizer (fresh again) and every RNG are exactly as before: the trials change
-nothing the run starts from.
+training model as wrapped, the training loss path; eager even under run.compile), taken when its
+peak (the allocator's reserved bytes) leaves at least `HEADROOM` of the device's memory free:
+the trial is one uncompiled step, and the run needs more besides (compile workspaces, NCCL
+buffers, fragmentation over many steps, evaluation). On out-of-memory (also as cuBLAS's or NCCL's
+RuntimeError) or a peak over the margin, the memory is freed (and FSDP2's per-iteration state
+reset) and the next candidate (the largest divisor at most half the failed size) is tried.
+Afterwards the weights, the optimizer (fresh again) and every RNG are exactly as before: the
+trials change nothing the run starts from.
 
 CPU (and MPS): a budget of `RAM_FRACTION` of the available RAM (psutil; shared by the ranks of
 this machine), against the optimizer's and gradients' memory still to come plus a measured
@@ -32,6 +36,9 @@ from gptforge.training import distributed as distrib
 
 RAM_FRACTION = 0.6  # of the RAM available at start: the OS, the data loader and others need the rest
 BACKWARD_FACTOR = 2.0  # peak memory per sequence / bytes saved for backward (activation grads, transients)
+HEADROOM = 0.10  # of the GPU's memory a trial step must leave free (see the module doc)
+# the messages of allocator failures that reach Python as a plain RuntimeError, not OutOfMemoryError
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
 GiB = 1024**3
 
 
@@ -64,8 +71,9 @@ def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int,
     if saved and saved.get("world_size") == env.world_size and isinstance(saved.get("size"), int) \
             and per_rank % saved["size"] == 0:
         return MicroBatch(saved["size"], f"auto, as chosen when the run began ({saved.get('reason', '')})", env.world_size)
-    if rt.device.type == "cuda":
-        size, why = _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank)
+    memory = device_memory(rt.device)
+    if memory is not None:
+        size, why = _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, memory)
     else:
         size, why = _fit_ram(model, train_model, rt, env, seq_len, per_rank)
     return MicroBatch(size, f"auto: {why}", env.world_size)
@@ -107,59 +115,104 @@ def _too_big(model, seq_len: int, device_memory: str) -> GPTForgeError:
     )
 
 
-def _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank) -> tuple[int, str]:
-    device = rt.device
-    total = torch.cuda.get_device_properties(device).total_memory
-    saved_weights = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
-    rng = ckpt.rng_state()
-    tried, chosen, peak = [], 0, 0
-    try:
-        for b in candidates(per_rank):
-            ok, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len)
-            ok = _agree(int(ok), env)
-            tried.append(b)
-            if ok:
-                chosen = b
-                break
-    finally:
-        with torch.no_grad():
-            for p, w in zip(model.parameters(), saved_weights):
-                _local(p).copy_(w)
-        optimizer.state.clear()  # fresh again: no moments, no step count
-        optimizer.zero_grad(set_to_none=True)
-        ckpt.set_rng_state(rng)
+class CudaMemory:
+    """What the trial steps ask of a CUDA device's memory (tests substitute a simulated one)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+    def total(self) -> int:
+        return torch.cuda.get_device_properties(self.device).total_memory
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        """Bytes the caching allocator held at most since reset_peak: what the process took from
+        the GPU, fragmentation included (the CUDA context aside)."""
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def release(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    name = f"{torch.cuda.get_device_name(device)} ({total / GiB:.1f} GiB)"
+
+
+def device_memory(device: torch.device) -> CudaMemory | None:
+    """The memory of a device where micro-batch auto runs trial steps (CUDA); None where it
+    budgets the RAM instead."""
+    return CudaMemory(device) if device.type == "cuda" else None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an allocator failure that cuBLAS, cuDNN or NCCL report as a
+    RuntimeError ("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate", "NCCL ... 'out of memory'")."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m.lower() in text for m in OOM_MARKERS)
+
+
+def _fit_trials(model, train_model, optimizer, rt, env, seq_len, per_rank, memory) -> tuple[int, str]:
+    total = memory.total()
+    limit = int(total * (1 - HEADROOM))
+    saved_weights = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
+    rng = ckpt.rng_state(rt.device)
+    tried, chosen, peak = [], 0, 0  # tried: (size, its peak or None for out of memory)
+    for b in candidates(per_rank):
+        fits, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len, memory)
+        ok = _agree(int(fits and peak <= limit), env)
+        tried.append((b, peak if fits else None))
+        if ok:
+            chosen = b
+            break
+    # not in a `finally`: after any other error the run ends, and FSDP's state is not to be trusted
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), saved_weights):
+            _local(p).copy_(w)
+    optimizer.state.clear()  # fresh again: no moments, no step count
+    optimizer.zero_grad(set_to_none=True)
+    ckpt.set_rng_state(rng, rt.device)
+    memory.release()
+    memory.reset_peak()
+    name = f"{memory.name()} ({total / GiB:.1f} GiB)"
     if not chosen:
-        raise _too_big(model, seq_len, name)
-    failed = [b for b in tried if b != chosen]
-    why = f"a trial step of {chosen} x {seq_len} tokens peaked at {peak / GiB:.1f} of {total / GiB:.1f} GiB"
+        raise _too_big(model, seq_len, name + f" with {HEADROOM:.0%} of it kept free")
+    why = (f"a trial step of {chosen} x {seq_len} tokens peaked at {peak / GiB:.1f} of {total / GiB:.1f} GiB, "
+           f"keeping at least {HEADROOM:.0%} free for compile workspaces, NCCL buffers, fragmentation and evaluation")
+    failed = [f"{b} ran out of memory" if p is None else f"{b} peaked at {p / GiB:.1f} GiB, over {1 - HEADROOM:.0%}"
+              for b, p in tried if b != chosen]
     if failed:
-        why += f" ({', '.join(map(str, failed))} ran out of memory)"
+        why += f" ({'; '.join(failed)})"
     return chosen, why + (f"; the per-rank batch is {per_rank}" if chosen == per_rank else "")
 
 
-def _trial_step(model, train_model, optimizer, rt, b, seq_len) -> tuple[bool, int]:
-    """One forward + backward + optimizer step at micro-batch b; (fits, peak bytes)."""
-    torch.cuda.reset_peak_memory_stats(rt.device)
+def _trial_step(model, train_model, optimizer, rt, b, seq_len, memory) -> tuple[bool, int]:
+    """One forward + backward + optimizer step at micro-batch b, eager (the stance overrides a
+    compiled train_model or compiled blocks); (ran without running out of memory, peak bytes)."""
+    memory.reset_peak()
     oom = False
     train_model.train()
     try:
-        x, y = _batch(model, b, seq_len, rt.device)
-        with _no_collectives(train_model), rt.autocast():
-            _, loss = train_model(x, y)
-        loss.backward()
-        optimizer.step()
-        torch.cuda.synchronize(rt.device)
+        with torch.compiler.set_stance("force_eager"):
+            x, y = _batch(model, b, seq_len, rt.device)
+            with _no_collectives(train_model), rt.autocast():
+                _, loss = train_model(x, y)
+            loss.backward()
+            optimizer.step()
         del x, y, loss
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
         oom = True  # freed below, outside the except clause (its traceback holds the tensors)
+    peak = memory.peak()
+    if oom:
+        distrib.reset_after_abort(model)  # FSDP2: reshard, clear the aborted iteration's state
     optimizer.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated(rt.device)
-    gc.collect()
-    torch.cuda.empty_cache()
+    memory.release()
     return not oom, peak
 
 
@@ -178,14 +231,15 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int) -> int:
         return t
 
     x, y = _batch(model, 1, seq_len, rt.device)
-    rng, was_training = ckpt.rng_state(), train_model.training  # dropout must not move the run's RNG
+    rng, was_training = ckpt.rng_state(rt.device), train_model.training  # dropout must not move the run's RNG
     try:
         train_model.train()  # as in training: dropout keeps its masks
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+        with torch.compiler.set_stance("force_eager"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                rt.autocast():  # eager: FSDP's blocks may be compiled
             _, loss = train_model(x, y)
         del loss  # no backward: the graph is dropped
     finally:
-        ckpt.set_rng_state(rng)
+        ckpt.set_rng_state(rng, rt.device)
         train_model.train(was_training)
     return sum(seen.values())
 

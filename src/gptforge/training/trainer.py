@@ -18,7 +18,7 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
-from gptforge.device import Runtime, seed_everything, set_matmul_precision, synchronize
+from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, set_head_loss
 from gptforge.measure import best_peak_tflops, choose_lm_head_loss, cpu_matmul_rates, peak_tflops
@@ -88,7 +88,7 @@ class Trainer:
             set_matmul_precision(self.rt.precision)
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = ckpt.resolve_resume(resume, self.run_dir) if resume else None
-        seed_everything(cfg.run.seed)
+        seed_everything(cfg.run.seed)  # the same on every rank: the initial weights are drawn from it
 
         from gptforge.data.loader import ShardLoader
         from gptforge.training import fit, weights
@@ -100,12 +100,17 @@ class Trainer:
                                    progress=progress and self.env.is_main)
         # random init, --resume's architecture, or model.init_from: one place (train/weights.py)
         model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env)
+        refuse_cpu_fallback(cfg.run.device, self.rt.device, model.num_params(non_embedding=True))
+        seed_everything(cfg.run.seed + self.env.rank)  # then ranks apart: each its own dropout masks (the data
+        #                                                order has its own seed, the same on every rank)
         self.model = model.to(self.rt.device)  # the raw module: saved, evaluated, sampled
         gpt_config = self.model.config
         self.seq_len = weights.seq_len_for(cfg, gpt_config)
-        # wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards
-        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision,
-                                        activation_checkpointing=cfg.run.activation_checkpointing)
+        # wrapped (and compiled: under FSDP2 block by block, before sharding) before the optimizer
+        # is built: FSDP2 replaces the parameters by their shards
+        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
+                                        activation_checkpointing=cfg.run.activation_checkpointing,
+                                        compile=cfg.run.compile)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
@@ -136,8 +141,6 @@ class Trainer:
             self.restore(self.resume_from)
         shard_check.wait(agree=None if not self.env.enabled else lambda ok: distrib.all_reduce_mean(
             torch.tensor(float(ok), device=self.rt.device), self.env).item() == 1.0)  # every rank stops on a bad shard
-        if cfg.run.compile:
-            self.train_model = torch.compile(self.train_model)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         # MFU against the peak of the precision in use; mfu_best against the device's best dtype
         self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
@@ -168,7 +171,7 @@ class Trainer:
         if self.guard is not None and state.get("spike_guard"):
             self.guard.load_state_dict(state["spike_guard"])
         self.step, self.lr_scale = int(state["step"]), float(state.get("lr_scale", 1.0))
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state["rng"], self.env.rank, self.env.world_size, self.rt.device)  # each rank its own
 
     def train_state(self) -> dict:
         loader_states = [self.loader.state_dict()]
@@ -180,7 +183,7 @@ class Trainer:
             "step": self.step,
             "optimizer": distrib.full_optimizer_state(self.model, self.optimizer),  # collective under FSDP
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": ckpt.rng_state(),
+            "rng": distrib.gather_objects(ckpt.rng_state(self.rt.device), self.env),  # one per rank
             "loader": loader_states,
             "spike_guard": self.guard.state_dict() if self.guard is not None else None,
             "lr_scale": self.lr_scale,
