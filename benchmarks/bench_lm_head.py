@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The LM head + loss alone, forward and backward: the plain path (logits + F.cross_entropy)
 against the fused, chunked one (loss.LinearCrossEntropy) with this device's chunk sizes
-(device.lm_head_chunks), in fp32 and bf16 autocast; time and peak memory of each.
+(measure.lm_head_chunks), each eager and compiled (HeadLoss(compiled=True): the plain path's
+cross-entropy, or each fused chunk, as one torch.compile'd graph), in fp32 and bf16 autocast;
+time and peak memory of each. The first round (compilation) is not timed.
 
 The implementations alternate round after round in one process, and the table shows the
 fastest round of each, so the ratio is side by side. On a CPU the time is this process's CPU
@@ -14,6 +16,7 @@ CPU memory bound of evaluation).
     OMP_NUM_THREADS=1 python benchmarks/bench_lm_head.py        # B*T = 4*256 rows, C = 384 (tiny)
     OMP_NUM_THREADS=1 python benchmarks/bench_lm_head.py --rows 4096   # the tiny config's 16 x 256
     python benchmarks/bench_lm_head.py --rows 65536 --dim 768   # the 124M config's micro-batch, on a GPU
+    ... --kinds plain,fused                                      # eager only (no compiler needed)
 """
 
 from __future__ import annotations
@@ -24,22 +27,24 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from gptforge.device import cpu_has_fast_bf16, lm_head_chunks, resolve_device, synchronize
-from gptforge.loss import LinearCrossEntropy
+from gptforge.device import resolve_device, synchronize
+from gptforge.loss import HeadLoss
+from gptforge.measure import cpu_has_fast_bf16, lm_head_chunks
 
 V, VP = 50257, 50304
+KINDS = ("plain", "plain compiled", "fused", "fused compiled")
 
 
-def step(kind: str, x, w, t, dtype, chunks) -> None:
+def head_loss(kind: str, chunks) -> HeadLoss:
+    path, _, compiled = kind.partition(" ")
+    return HeadLoss(path, *(chunks if path == "fused" else (0, 0)), compiled=bool(compiled))
+
+
+def step(head: HeadLoss, x, w, t, dtype) -> None:
     x.grad = w.grad = None
     with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        if kind == "plain":
-            logits = (x @ w.t())[:, :V]
-            loss = F.cross_entropy(logits.float(), t, ignore_index=-1)
-        else:
-            loss = LinearCrossEntropy.apply(x, w, t, V, *chunks)
+        _, loss = head(x.unsqueeze(0), w, t.unsqueeze(0), V)  # (1, rows, C): one row of B
     loss.backward()
 
 
@@ -50,7 +55,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     a = p.parse_args()
+    kinds = [k.strip() for k in a.kinds.split(",")]
+    if any(k not in KINDS for k in kinds):
+        p.error(f"--kinds: each of {', '.join(KINDS)}, got {a.kinds!r}")
     device = resolve_device(a.device)
     chunks = lm_head_chunks(device, VP)
     g = torch.Generator().manual_seed(0)
@@ -61,11 +70,12 @@ def main() -> None:
     if device.type == "cuda" or cpu_has_fast_bf16():
         precisions["bf16"] = torch.bfloat16
     out = {"device": str(device), "rows": a.rows, "dim": a.dim, "chunks": chunks, "results": {}}
+    heads = {kind: head_loss(kind, chunks) for kind in kinds}
     for pname, dtype in precisions.items():
-        times = {"plain": [], "fused": []}
+        times = {kind: [] for kind in kinds}
         peaks = {}
-        for kind in times:  # warm-up
-            step(kind, x, w, t, dtype, chunks)
+        for kind in times:  # warm-up (and compilation)
+            step(heads[kind], x, w, t, dtype)
         for _ in range(a.rounds):
             for kind in times:
                 if device.type == "cuda":
@@ -73,7 +83,7 @@ def main() -> None:
                 clock = time.perf_counter if device.type == "cuda" else time.process_time
                 synchronize(device)
                 t0 = clock()
-                step(kind, x, w, t, dtype, chunks)
+                step(heads[kind], x, w, t, dtype)
                 synchronize(device)
                 times[kind].append(clock() - t0)
                 if device.type == "cuda":
@@ -81,15 +91,17 @@ def main() -> None:
         for kind, ts in times.items():
             out["results"][f"{pname} {kind}"] = {"best_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3,
                                                  "peak_mb": peaks.get(kind)}
-        ratio = min(times["plain"]) / min(times["fused"])
-        out["results"][f"{pname} fused speedup"] = ratio
+        for a_kind, b_kind in (("plain", "fused"), ("plain compiled", "fused compiled"), ("fused", "fused compiled"),
+                               ("plain", "plain compiled")):
+            if a_kind in times and b_kind in times:  # > 1: the second is faster
+                out["results"][f"{pname} {b_kind} vs {a_kind}"] = min(times[a_kind]) / min(times[b_kind])
     print(f"LM head + loss, fwd+bwd | {device} | rows {a.rows} x C {a.dim} x V {VP} | chunks {chunks} | best of {a.rounds}")
     for k, v in out["results"].items():
         if isinstance(v, dict):
             peak = f"  peak {v['peak_mb']:.0f} MB" if v["peak_mb"] is not None else ""
-            print(f"  {k:<14} {v['best_ms']:9.1f} ms (median {v['median_ms']:.1f}){peak}")
+            print(f"  {k:<36} {v['best_ms']:9.1f} ms (median {v['median_ms']:.1f}){peak}")
         else:
-            print(f"  {k:<14} {v:9.2f}x")
+            print(f"  {k:<36} {v:9.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -34,7 +34,8 @@ import time
 import torch
 
 from gptforge.bench import matmul_peak
-from gptforge.device import Runtime, cpu_has_fast_bf16, synchronize
+from gptforge.device import Runtime, synchronize
+from gptforge.measure import cpu_has_fast_bf16
 from gptforge.loss import HeadLoss
 from gptforge.model import GPT, preset
 

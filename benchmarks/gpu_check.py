@@ -36,7 +36,7 @@ def cmd_env(out: Path) -> int:
         q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True)
         driver = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else ""
-    from gptforge.device import cpu_model_name, gpu_table_key
+    from gptforge.measure import cpu_model_name, gpu_table_key
 
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -165,7 +165,7 @@ def cmd_summary(out: Path) -> int:
           f"{env.get('driver', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, triton "
           f"{env.get('triton', '?')}, Python {env.get('python', '?')}; host CPU {env.get('cpu', '?')} "
           f"({env.get('cpu_count', '?')} threads). MFU denominator: the dense peak table entry "
-          f"`{env.get('peak_table_entry')}` of `gptforge/device.py`.", ""]
+          f"`{env.get('peak_table_entry')}` of `gptforge/measure.py`.", ""]
     md += ["| stage | result |", "|---|---|"]
     for name in ("env", "pytest", "probe", "bench", "prepare", "train", "resume", "eval", "sample", "export"):
         md.append(f"| {name} | {status.get(name, 'not run')} |")
@@ -199,7 +199,7 @@ def cmd_summary(out: Path) -> int:
                       f"{r['peak_mem_mb']:,.0f} | {r['speedup']:.2f}x | {cs} | {r['reason']} |")
         md += ["", f"MFU against {report['peak_tflops']:.0f} TFLOP/s ({report['peak_source']}); peak memory: {report['memory']}.",
                "The `fused_loss` rung against `fused_adamw` is the measurement that decides `run.lm_head_loss auto` "
-               "on this GPU (see `device.choose_lm_head_loss`).", ""]
+               "on this GPU (see `measure.choose_lm_head_loss`).", ""]
         md += ["<details><summary>bench table as printed</summary>", "", "```", format_table(report), "```", "</details>", ""]
     else:
         md += ["no bench.json (see bench.log)", ""]

@@ -85,7 +85,7 @@ stage bench 190 "$PY" -m gptforge bench --model.preset gpt2 --seq-len 1024 --bat
 MEM=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
 if ((MEM >= 70)); then MB=64; elif ((MEM >= 35)); then MB=32; elif ((MEM >= 20)); then MB=16; else MB=8; fi
 stage prepare 60 "$PY" -m gptforge prepare python-stdlib --out "$OUT/data" --val-tokens 300000
-RUN=(--config configs/gpt2-124m.toml --data.dir "$OUT/data" --run.dir "$OUT/run" --run.log none
+RUN=(--config gpt2-124m --data.dir "$OUT/data" --run.dir "$OUT/run" --run.log none
      --optim.micro_batch_size "$MB" --optim.batch_tokens $((2 * MB * 1024)) --optim.warmup_steps 5
      --optim.decay_steps 40 --run.eval_every 10 --run.eval_tokens $((MB * 1024)) --run.ckpt_every 10
      --run.sample_tokens 32 --run.hellaswag_every 0)

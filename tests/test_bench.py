@@ -38,6 +38,11 @@ def test_ladder_on_cpu_reports_every_rung(tmp_path, capsys):
     assert last["run.precision"] == "bf16" and last["run.lm_head_loss"] == "plain"
     assert by["fused_loss"]["status"] == "ok" and by["fused_loss"]["config"]["run.lm_head_loss"] == "fused"
     assert by["fused_loss"]["config"]["optim.fused"] == "on"
+    # what each rung ran, recorded: "plain, compiled (run.lm_head_loss)", "fused, chunks of N rows, ..."
+    assert by["fused_adamw"]["lm_head"].startswith("plain") and by["fused_adamw"]["lm_head"].endswith("(run.lm_head_loss)")
+    assert by["fused_loss"]["lm_head"].startswith("fused, chunks of ")
+    if by["compile"]["status"] == "ok":  # the loss is compiled with the model
+        assert ", compiled (" in by["fused_loss"]["lm_head"] and ", compiled (" in by["fused_adamw"]["lm_head"]
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     printed = capsys.readouterr().out

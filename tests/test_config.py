@@ -38,6 +38,28 @@ def test_gpt2_124m_is_the_build_nanogpt_recipe():
     assert (cfg.run.precision, cfg.run.compile, C.seq_len_of(cfg)) == ("bf16", True, 1024)
 
 
+def test_packaged_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`--config gpt2-124m` (or gpt2-124m.toml) is the packaged recipe wherever gptforge runs; a
+    path that exists wins over the packaged name; an unknown name is one error listing the names."""
+    from gptforge.commands.train import build_config
+
+    shipped = C.resolve(Path(__file__).parent.parent / "configs" / "gpt2-124m.toml")
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert C.resolve("gpt2-124m") == C.resolve("gpt2-124m.toml") == shipped
+    assert set(C.packaged_configs()) >= {"tiny", "gpt2-124m", "gpt2-350m", "finetune-gpt2"}
+    cfg, _ = build_config(["--config", "gpt2-124m", "--run.max_steps", "5"])
+    assert cfg.optim.batch_tokens == 524288 and cfg.run.max_steps == 5
+    (tmp_path / "gpt2-124m.toml").write_text("[optim]\nlr = 1e-3\n")  # a file of that name here: it wins
+    assert C.resolve("gpt2-124m.toml").optim.lr == 1e-3
+    assert C.resolve("gpt2-124m").optim.lr == 6e-4  # a bare name that is no file: the packaged one
+    with pytest.raises(GPTForgeError, match=r"^--config gpt2-125m: no such file; expected a TOML path or a packaged "
+                                            r"config: .*\bgpt2-124m, .*\btiny\b"):
+        build_config(["--config", "gpt2-125m"])
+    with pytest.raises(GPTForgeError, match=r"--config configs/tiny.toml: no such file \(a packaged config is named "
+                                            r"so: --config tiny\)"):
+        C.resolve("configs/tiny.toml")  # a path that is not there is not silently replaced
+
+
 def test_order_defaults_then_toml_then_overrides(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('[optim]\nlr = 3e-4\nwarmup_steps = 5\n[run]\nmax_steps = 50\n')

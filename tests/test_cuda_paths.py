@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge.device import GPU_PEAK_TFLOPS, gpu_peak_tflops, gpu_table_key
 from gptforge.errors import GPTForgeError
+from gptforge.measure import GPU_PEAK_TFLOPS, gpu_peak_tflops, gpu_table_key
 from gptforge.training import distributed as distrib
 
 # what torch.cuda.get_device_name() says on each part -> the table entry (None: not in the table,

@@ -35,7 +35,7 @@ class FakeLoader:
     tokens, dealt round-robin to ranks, batched B at a time (a short last batch is dropped)."""
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
-        self.batch_size, self.seq_len = batch_size, seq_len
+        self.B, self.T = self.batch_size, self.seq_len = batch_size, seq_len  # ShardLoader's names: B, T
         n = (len(tokens) - 1) // seq_len
         self.windows = [tokens[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)][rank::world_size]
         self.num_windows = len(self.windows)
@@ -90,6 +90,33 @@ def test_perplexity_max_tokens_is_exact_and_reads_no_more_batches():
         logits, _ = model(x)
     per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
     assert res["loss"] == pytest.approx(per_token[:budget].mean().item(), rel=1e-6)
+
+
+def test_eval_tokens_bound_the_batches_a_shard_loader_reads(tmp_path, capsys):
+    """The budget through the real ShardLoader (its batch and length are B and T): the loader is
+    told to read only the batches the budget needs, and the progress bar counts to that total."""
+    from gptforge.data.loader import ShardLoader
+    from test_data_loader import make_dir
+
+    data = make_dir(tmp_path / "data", val_sizes=(4000,))
+    loader = ShardLoader(data, split="val", batch_size=2, seq_len=16, order="sequential", seed=0, prefetch=0)
+    assert loader.steps_per_epoch > 10  # the split holds far more than the budget
+    asked, read = [], []
+    whole_split = loader.iter_epoch
+
+    def iter_epoch(max_batches=None):
+        asked.append(max_batches)
+        for batch in whole_split(max_batches):
+            read.append(batch)
+            yield batch
+
+    loader.iter_epoch = iter_epoch
+    budget = 2 * (2 * 16) + 5  # two batches and 5 tokens of a third
+    res = evaluate_loss(nano(), loader, CPU, max_tokens=budget, progress=True)
+    assert res["tokens"] == budget
+    assert asked == [3] and len(read) == 3  # no more than the budget's 3 batches may be read
+    assert "0/3" in capsys.readouterr().err  # the bar knows its total
+    loader.close()
 
 
 def test_perplexity_skips_ignored_targets():

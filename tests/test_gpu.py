@@ -156,7 +156,7 @@ def test_steps_between_logging_steps_never_synchronize(tmp_path, shards_dir, mon
 def test_compiled_training_equals_eager_and_never_recompiles_after_warm_up(tmp_path, shards_dir):
     """Over train steps, an evaluation, a sample, a checkpoint and more train steps: the same
     losses as eager, and dynamo compiles nothing new after the first two steps. The fused LM-head
-    loss (what the 124M config runs under compile) is a graph break by design."""
+    loss is a graph break by design; under compile its chunk is a compiled graph of its own."""
     import torch._dynamo
 
     over = {"run.precision": "fp32", "data.order": "sequential", "run.lm_head_loss": "fused", "run.max_steps": 8}
@@ -511,7 +511,7 @@ def test_lm_head_memory_on_cuda_does_not_grow_with_batch_x_seq_len_x_vocab():
     (B: a little over one chunk), where the plain path's fp32 (2B*T, V) logits alone would be
     2 x chunk and more; a fused training step over several chunks peaks at under half the plain
     path's."""
-    from gptforge.device import lm_head_chunks
+    from gptforge.measure import lm_head_chunks
     from gptforge.eval.perplexity import token_losses
 
     dev = torch.device("cuda")
@@ -553,3 +553,73 @@ def test_lm_head_memory_on_cuda_does_not_grow_with_batch_x_seq_len_x_vocab():
     fused = extra_peak(lambda: step(True))
     plain = extra_peak(lambda: step(False))  # 2B x 1024 tokens: ~20 GB on an 80 GB GPU
     assert fused < plain / 2, (fused, plain)
+
+
+def test_compiled_lm_head_losses_equal_eager_and_the_plain_path_fits_its_estimate():
+    """The 124M head (C 768, V 50257 padded to 50304) in bf16 under Inductor: the fused path's
+    compiled chunks (three chunk sizes' worth of rows) and the plain path's compiled cross-entropy
+    are as close to the fp32 loss and gradients as the eager chunked loop; the compiled plain
+    path's extra peak memory stays within what measure.choose_lm_head_loss assumes
+    (PLAIN_LOGIT_COPIES bf16 logits), and the fused path's within about one chunk."""
+    from gptforge.measure import PLAIN_LOGIT_COPIES
+
+    dev = torch.device("cuda")
+    N, C, V, VP = 16 * 1024, 768, 50257, 50304
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, C, device=dev, generator=g)
+    w = torch.randn(VP, C, device=dev, generator=g) * 0.05
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    t[::9] = -1
+    rows = 6000  # chunks of 6000, 6000 and 4384 rows
+
+    def run(head, dtype=torch.bfloat16):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            _, loss = head(xg.view(1, N, C), wg, t.view(1, N), V)
+        loss.backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated(dev) - base - (N * C + VP * C) * 4  # less the two fp32 grads
+        return (loss.detach(), xg.grad, wg.grad), extra
+
+    Runtime.make("cuda", "fp32")  # TF32 off for the reference
+    ref, _ = run(HeadLoss("fused", rows, rows), dtype=None)
+    Runtime.make("cuda", "bf16")
+    eager, _ = run(HeadLoss("fused", rows, rows))
+
+    def err(got):
+        return [float((a.float() - b).norm() / b.norm()) for a, b in zip(got, ref)]
+
+    budget = {"fused": 2 * rows * VP * 2 + (512 << 20), "plain": PLAIN_LOGIT_COPIES * N * VP * 2 + (512 << 20)}
+    try:
+        for path in ("fused", "plain"):
+            head = HeadLoss(path, rows, rows, compiled=True)
+            run(head)  # compiles
+            got, extra = run(head)
+            for e_got, e_eager in zip(err(got), err(eager)):
+                assert e_got <= 1.5 * e_eager + 1e-3, (path, err(got), err(eager))
+            assert extra <= budget[path], (path, extra / 2**30, budget[path] / 2**30)
+    finally:
+        Runtime.make("cuda", "fp32")  # TF32 off again, as the other tests expect
+        torch._dynamo.reset()
+
+
+def test_auto_runs_the_compiled_plain_loss_under_compile_and_trains_as_eager(tmp_path, shards_dir):
+    """run.lm_head_loss auto on CUDA with compile: the plain logits with a compiled cross-entropy
+    (the nano run's logits are far under a quarter of any GPU), said in the banner; its losses
+    equal the eager run's (the chunked loop without compile)."""
+    over = {"run.precision": "fp32", "data.order": "sequential", "run.max_steps": 4}
+    eager = trainer(cfg(tmp_path, shards_dir, "eager", **over))
+    compiled = trainer(cfg(tmp_path, shards_dir, "compiled", **over, **{"run.compile": True}))
+    try:
+        assert (eager.head_choice.path, eager.head_choice.compiled) == ("fused", False)
+        assert (compiled.head_choice.path, compiled.head_choice.compiled) == ("plain", True)
+        assert "LM-head loss plain, compiled (auto: plain with a compiled cross-entropy" in compiled.banner()
+        for _ in range(3):
+            assert compiled.train_step()["loss"] == pytest.approx(eager.train_step()["loss"], abs=1e-4)
+    finally:
+        close(eager)
+        close(compiled)
+        torch._dynamo.reset()

@@ -16,6 +16,7 @@ import torch
 
 from gptforge import config as C
 from gptforge import device as D
+from gptforge import measure as M
 from gptforge.errors import GPTForgeError
 
 ROOT = Path(__file__).parent.parent
@@ -25,7 +26,7 @@ ROOT = Path(__file__).parent.parent
 def fake_probe(monkeypatch, tmp_path):
     """A private cache dir and a probe that returns given rates (TFLOP/s), counting its calls."""
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(D, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(M, "cpu_has_fast_bf16", lambda: True)
     calls = []
 
     def use(rates: dict):
@@ -33,7 +34,7 @@ def fake_probe(monkeypatch, tmp_path):
             calls.append(tuple(precisions))
             return {p: rates[p] for p in precisions}
 
-        monkeypatch.setattr(D, "measure_cpu_matmul_rates", measure)
+        monkeypatch.setattr(M, "measure_cpu_matmul_rates", measure)
         return calls
 
     return use
@@ -54,36 +55,36 @@ def test_auto_precision_follows_the_probe_both_ways(fake_probe, tmp_path, monkey
 
 def test_probe_is_cached_per_cpu_torch_and_threads_and_rewritten_when_damaged(fake_probe, monkeypatch):
     calls = fake_probe({"fp32": 0.2, "bf16": 0.4})
-    assert D.cpu_matmul_rates() == {"fp32": 0.2, "bf16": 0.4} and len(calls) == 1
-    assert D.cpu_matmul_rates() == {"fp32": 0.2, "bf16": 0.4} and len(calls) == 1  # re-used
-    path = D.probe_cache_path()
+    assert M.cpu_matmul_rates() == {"fp32": 0.2, "bf16": 0.4} and len(calls) == 1
+    assert M.cpu_matmul_rates() == {"fp32": 0.2, "bf16": 0.4} and len(calls) == 1  # re-used
+    path = M.probe_cache_path()
     saved = json.loads(path.read_text())
-    assert saved["key"] == D.probe_key() and saved["rates"] == {"fp32": 0.2, "bf16": 0.4}
+    assert saved["key"] == M.probe_key() and saved["rates"] == {"fp32": 0.2, "bf16": 0.4}
     assert set(saved["key"]) == {"cpu", "torch", "threads", "probe"}
     assert not [p for p in path.parent.iterdir() if p != path]  # written atomically: no temp file left
-    real_key = D.probe_key
-    monkeypatch.setattr(D, "probe_key", lambda: {**saved["key"], "threads": saved["key"]["threads"] + 7})
-    D.cpu_matmul_rates()
+    real_key = M.probe_key
+    monkeypatch.setattr(M, "probe_key", lambda: {**saved["key"], "threads": saved["key"]["threads"] + 7})
+    M.cpu_matmul_rates()
     assert len(calls) == 2  # another thread count is another measurement, in its own file
-    monkeypatch.setattr(D, "probe_key", real_key)
+    monkeypatch.setattr(M, "probe_key", real_key)
     path.write_text("{not json")
     calls = fake_probe({"fp32": 0.3, "bf16": 0.1})
-    assert D.cpu_matmul_rates() == {"fp32": 0.3, "bf16": 0.1} and len(calls) == 3  # measured again
+    assert M.cpu_matmul_rates() == {"fp32": 0.3, "bf16": 0.1} and len(calls) == 3  # measured again
     assert json.loads(path.read_text())["rates"] == {"fp32": 0.3, "bf16": 0.1}
     fake_probe({"fp32": 0.1, "bf16": 0.5})  # measured again (bench): each dtype keeps its higher rate
-    assert D.cpu_matmul_rates(refresh=True) == {"fp32": 0.3, "bf16": 0.5} == D.cpu_matmul_rates()
+    assert M.cpu_matmul_rates(refresh=True) == {"fp32": 0.3, "bf16": 0.5} == M.cpu_matmul_rates()
 
 
 def test_cpu_without_bf16_kernels_probes_fp32_only(fake_probe, monkeypatch):
     calls = fake_probe({"fp32": 0.2, "bf16": 9.9})
-    monkeypatch.setattr(D, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(M, "cpu_has_fast_bf16", lambda: False)
     assert D.resolve_precision("auto", torch.device("cpu")) == "fp32" and calls == [("fp32",)]
 
 
 def test_real_probe_measures_both_dtypes_at_the_model_sizes():
-    rates = D.measure_cpu_matmul_rates(("fp32", "bf16"), shapes=((256, 384, 1536),), budget_s=0.0)
+    rates = M.measure_cpu_matmul_rates(("fp32", "bf16"), shapes=((256, 384, 1536),), budget_s=0.0)
     assert set(rates) == {"fp32", "bf16"} and all(v > 0 for v in rates.values())
-    assert (4096, 384, 1536) in D.PROBE_SHAPES and len(D.PROBE_SHAPES) >= 3  # several sizes, the tiny model's
+    assert (4096, 384, 1536) in M.PROBE_SHAPES and len(M.PROBE_SHAPES) >= 3  # several sizes, the tiny model's
 
 
 # --------------------------------------------------------------------------- MFU

@@ -42,6 +42,18 @@ def test_loss_falls(tmp_path, shards_dir):
     assert res.val_loss is not None and res.val_loss < losses[0] - 1.5
 
 
+def test_sample_tokens_zero_means_no_sample(tmp_path, shards_dir, capsys):
+    """--run.sample_tokens 0 is accepted and turns sampling off: none with the evaluations (nor
+    at sample_every), none at the end; a negative count is still an error."""
+    res = train(small_cfg(tmp_path / "run", shards_dir, **{"run.max_steps": 2, "run.eval_every": 1, "run.sample_every": 1,
+                                                            "run.sample_tokens": 0, "run.ckpt_every": 0}), progress=False)
+    out = capsys.readouterr().out
+    assert res.step == 2 and res.sample == "" and res.val_loss is not None
+    assert "step      1 | val loss" in out and "| sample:" not in out
+    with pytest.raises(GPTForgeError, match=r"run.sample_tokens must be >= 0, got -1"):
+        small_cfg(tmp_path / "run2", shards_dir, **{"run.sample_tokens": -1})
+
+
 def test_metrics_rows_and_run_files(tmp_path, shards_dir, capsys):
     run = tmp_path / "run"
     res = train(small_cfg(run, shards_dir, **{"run.max_steps": 4, "run.eval_every": 2}), progress=False)

@@ -38,8 +38,9 @@ import torch
 
 from gptforge import __version__
 from gptforge import config as C
-from gptforge.device import cpu_has_fast_bf16, cpu_model_name, gpu_peak_tflops, resolve_device
+from gptforge.device import resolve_device
 from gptforge.errors import GPTForgeError
+from gptforge.measure import cpu_has_fast_bf16, cpu_model_name, gpu_peak_tflops
 from gptforge.model import PRESETS, preset
 
 
@@ -61,8 +62,9 @@ LADDER = (
     Rung("pad_vocab", "vocabulary padded 50257 -> 50304", {"model.pad_vocab": "true"}),
     Rung("compile", "torch.compile", {"run.compile": "true"}),
     Rung("fused_adamw", "fused AdamW", {"optim.fused": "on"}),
-    # the rung that decides run.lm_head_loss auto (device.choose_lm_head_loss): chunked LM head +
-    # loss, no (B, T, V) logits, against the plain logits + cross_entropy of every rung before
+    # the rung that decides run.lm_head_loss auto (measure.choose_lm_head_loss): chunked LM head +
+    # loss, no (B, T, V) logits, against the plain logits + cross_entropy of every rung before;
+    # on CUDA both compiled from the compile rung on (the plain cross-entropy; each fused chunk)
     Rung("fused_loss", "fused LM-head loss (chunked rows, no (B, T, V) logits)", {"run.lm_head_loss": "fused"}),
 )
 
@@ -96,6 +98,7 @@ class RungResult:
     compile_s: float | None = None  # first step's extra time on the compile rungs
     warmup_s: float | None = None  # wall time of the untimed steps
     loss: float | None = None  # the last step's loss, as a sanity check
+    lm_head: str = ""  # the LM-head loss the rung ran (path, compiled or not, why): the trainer's banner line
     config: dict = field(default_factory=dict)
 
 
@@ -154,7 +157,7 @@ def matmul_peak(device: torch.device, precision: str, sizes=(1024, 2048, 4096), 
 def mfu_peak(device: torch.device, override: float = 0.0) -> tuple[float, str]:
     """(TFLOP/s, how it was obtained): the best dense matmul peak of the device over its dtypes
     (the `mfu_best` denominator; the same function the trainer uses)."""
-    from gptforge.device import best_peak_tflops
+    from gptforge.measure import best_peak_tflops
 
     if override > 0:
         return override, "given by --peak-tflops"
@@ -168,11 +171,11 @@ def mfu_peak(device: torch.device, override: float = 0.0) -> tuple[float, str]:
 
 def dtype_peaks(device: torch.device, override: float = 0.0) -> dict[str, float]:
     """TFLOP/s per precision the device runs: each rung's `mfu` denominator (the trainer's too)."""
-    from gptforge.device import peak_tflops
+    from gptforge.measure import peak_tflops
 
     names = ["fp32", "tf32", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
     if device.type == "cpu" and not override:
-        from gptforge.device import cpu_matmul_rates
+        from gptforge.measure import cpu_matmul_rates
 
         names = list(cpu_matmul_rates())
     return {p: peak_tflops(device, p, override) for p in names}
@@ -291,6 +294,7 @@ def run_rung(cfg: C.TrainConfig, args: BenchArgs, device: torch.device, warmup: 
     res.mfu_best = trainer.flops_per_token * res.tokens_per_s / trainer.best_peak
     res.peak_mem_mb = mem.megabytes
     res.loss = rows[-1]["loss"]
+    res.lm_head = trainer.head_choice.describe()
     if cfg.run.compile and first is not None:
         res.compile_s = max(0.0, first - dt / 1000)
     del trainer
@@ -329,7 +333,7 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.peak_tflops:
-        from gptforge.device import cpu_matmul_rates
+        from gptforge.measure import cpu_matmul_rates
 
         cpu_matmul_rates(refresh=True)  # bench is where a machine is measured: the probe again, cached for train too
     peak, peak_how = mfu_peak(device, args.peak_tflops)

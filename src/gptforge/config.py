@@ -100,7 +100,7 @@ class RunArgs:
     eval_every: int = arg(20, "steps between validation passes (0 = only at the end)")
     eval_tokens: int = arg(32768, "validation tokens per pass (0 = the whole split)")
     sample_every: int = arg(0, "steps between short samples (0 = with every evaluation, and at the end)")
-    sample_tokens: int = arg(64, "tokens in each sample")
+    sample_tokens: int = arg(64, "tokens in each sample (0 = no samples, mid-run or at the end)")
     ckpt_every: int = arg(20, "steps between checkpoints (0 = only at the end)")
     keep_last: int = arg(3, "checkpoints kept")
     log_every: int = arg(1, "steps between metrics rows")
@@ -112,7 +112,7 @@ class RunArgs:
     hellaswag_every: int = arg(0, "steps between HellaSwag evaluations (0 = off)")
     hellaswag_path: str = arg("", "HellaSwag jsonl for in-training evaluation")
     max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
-    lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see device.choose_lm_head_loss")
+    lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see measure.choose_lm_head_loss")
 
 
 @dataclass
@@ -225,8 +225,32 @@ def apply_dict(cfg: TrainConfig, d: dict, where: str) -> None:
             set_value(cfg, f"{section_name}.{key}", value, where)
 
 
+def packaged_configs() -> dict[str, Path]:
+    """name -> path of the TOML recipes shipped in the package (gptforge/configs/*.toml)."""
+    import importlib.resources
+
+    root = importlib.resources.files("gptforge") / "configs"
+    return {f.name[: -len(".toml")]: Path(str(f)) for f in root.iterdir() if f.name.endswith(".toml")}
+
+
+def packaged_config(spec: str | Path) -> Path:
+    """The config file `--config` names: a path that exists wins; else a packaged config by name
+    (`gpt2-124m` or `gpt2-124m.toml`), from any directory; else one error listing those names."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
+    if name in packaged and str(spec) in (name, f"{name}.toml"):
+        return packaged[name]
+    hint = f" (a packaged config is named so: --config {name})" if name in packaged else ""
+    raise GPTForgeError(f"--config {spec}: no such file{hint}; expected a TOML path or a packaged config: "
+                        f"{', '.join(sorted(packaged))}")
+
+
 def load_toml(path: str | Path) -> dict:
-    path = Path(path)
+    """The tables of a config file: a path, or a packaged config's name (see packaged_config)."""
+    path = packaged_config(path)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -285,11 +309,11 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.batch_tokens must be > 0, got {o.batch_tokens}")
     if o.micro_batch_size < 0:
         p.append(f"optim.micro_batch_size must be > 0, or auto (0), got {o.micro_batch_size}")
-    for name in ("max_steps", "keep_last", "log_every", "sample_tokens"):
+    for name in ("max_steps", "keep_last", "log_every"):
         if getattr(r, name) <= 0:
             p.append(f"run.{name} must be > 0, got {getattr(r, name)}")
-    for sec, name in (("run", "eval_every"), ("run", "ckpt_every"), ("run", "sample_every"), ("run", "eval_tokens"),
-                      ("run", "hellaswag_every"), ("optim", "warmup_steps"), ("optim", "decay_steps"),
+    for sec, name in (("run", "eval_every"), ("run", "ckpt_every"), ("run", "sample_every"), ("run", "sample_tokens"),
+                      ("run", "eval_tokens"), ("run", "hellaswag_every"), ("optim", "warmup_steps"), ("optim", "decay_steps"),
                       ("data", "seq_len"), ("data", "prefetch")):
         if getattr(getattr(cfg, sec), name) < 0:
             p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")

@@ -2,19 +2,23 @@
 
 Two paths compute the same loss and gradients (up to float rounding):
 - `plain`: logits = x @ W.T, then cross-entropy on their fp32 copy, as nanoGPT does. Simple, and
-  under torch.compile on a GPU the cross-entropy fuses; it holds the (B, T, V) logits.
+  compiled (on a GPU) the cross-entropy fuses into the kernels that read the logits; it holds the
+  (B, T, V) logits.
 - `fused`: `LinearCrossEntropy`, a chunked autograd function that never holds more than one
-  chunk of logits and turns each chunk into its gradient in place (see its docstring).
+  chunk of logits: eagerly, each chunk is turned into its gradient in place, in cache-sized
+  blocks (a CPU); compiled, each chunk is one graph of matmul, loss and gradient (a GPU).
 
 A model calls its `head_loss` (a `HeadLoss`) from `forward(idx, targets)`; the trainer and eval
-choose the path and chunk sizes per device (gptforge.device.choose_lm_head_loss, lm_head_chunks)
-and set it with `use` / `set_head_loss`, so the model's code holds no device policy. Shapes: N rows
-(B * T), C channels, V vocabulary (V_padded with padding rows that are never a prediction).
+choose the path, chunk sizes and compilation per device (gptforge.measure.choose_lm_head_loss,
+lm_head_chunks) and set it with `use` / `set_head_loss`, so the model's code holds no device
+policy. Shapes: N rows (B * T), C channels, V vocabulary (V_padded with padding rows that are
+never a prediction).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from gptforge.errors import GPTForgeError
 
 PATHS = ("plain", "fused")
+COMPILE_BACKEND = "inductor"  # of the compiled loss functions (tests use "aot_eager": the same graphs, no codegen)
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,15 @@ class HeadLoss:
     path: "plain" (logits + cross_entropy) or "fused" (chunked, no (B, T, V) logits);
     rows / block_rows: the fused path's chunk sizes (0 = a CPU's defaults);
     reduction: "mean" (training: one fp32 scalar over the scored targets) or "none"
-    (evaluation: fp32 per-token losses (B, T), 0 where the target is -1)."""
+    (evaluation: fp32 per-token losses (B, T), 0 where the target is -1);
+    compiled: the plain path's cross-entropy, or each chunk of the fused path's training loss,
+    runs as a torch.compile'd graph (inside an already compiled model: traced into its graph)."""
 
     path: str = "plain"
     rows: int = 0
     block_rows: int = 0
     reduction: str = "mean"
+    compiled: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -53,11 +61,29 @@ class HeadLoss:
             head = (x.reshape(B * T, C), weight, targets.reshape(-1), vocab, self.rows, self.block_rows)
             if self.reduction == "none":
                 return None, lm_head_token_losses(*head).view(B, T)
-            return None, _fused_lm_loss(*head)
+            return None, _fused_lm_loss(*head, self.compiled)
         logits = F.linear(x, weight)[..., :vocab]  # (B, T, V): padded columns are never a prediction
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-1,
-                               reduction=self.reduction)
+        loss = _maybe_compiled(_plain_loss, self.compiled)(logits, targets, self.reduction)
         return logits, loss if self.reduction == "mean" else loss.view(B, T)
+
+
+def _plain_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """cross_entropy of the logits' fp32 copy (B, T, V) against targets (B, T), -1 not scored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction=reduction)
+
+
+@functools.cache
+def _compile(fn, backend: str):
+    return torch.compile(fn, backend=backend)
+
+
+def _maybe_compiled(fn, compiled: bool):
+    """fn, or its compiled graph (one per input shape, recompiled with dynamic rows on a second
+    shape). Inside a model that is being compiled, fn itself: it is traced into the model's graph."""
+    if not compiled or torch.compiler.is_compiling():
+        return fn
+    return _compile(fn, COMPILE_BACKEND)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -92,22 +118,24 @@ class LinearCrossEntropy(torch.autograd.Function):
     The plain path keeps the (N, V) logits, an fp32 copy, the log-softmax and their gradients:
     about a dozen passes over N x 50257 floats (on a CPU as costly as the head's matmuls; on a
     GPU ~20 GB for 64 x 1024 tokens). Here the rows go through in chunks of `rows` (sized per
-    device by the caller: see gptforge.device.lm_head_chunks): a chunk's logits are made by one
-    matmul (in the autocast dtype where autocast is on, as autocast would), turned in place, a
-    block of `block_rows` rows at a time (cache-sized on CPUs), into their gradient softmax -
-    one-hot in fp32, and multiplied straight away into the chunk's share of d loss / d x and
-    d loss / d weight, kept in fp32. So no more than one chunk of logits ever exists, and
-    backward only scales those two. In fp16 the gradient would underflow before GradScaler's
-    factor is known, so there backward recomputes each chunk's logits and scales by it first.
-    Same loss and gradients as the plain path up to float rounding; padded vocabulary columns
-    get zero gradient.
+    device by the caller: see gptforge.measure.lm_head_chunks): a chunk's logits are made by one
+    matmul (in the autocast dtype where autocast is on, as autocast would), turned into their
+    gradient softmax - one-hot in fp32, and multiplied straight away into the chunk's share of
+    d loss / d x and d loss / d weight, kept in fp32. Eagerly (`compiled` False: a CPU) the logits
+    are turned in place, a block of `block_rows` rows at a time, cache-sized; compiled (a GPU),
+    each chunk is one graph (`_chunk_step`: matmul, loss, gradient, both gradient matmuls), so a
+    chunk costs a few fused kernels instead of ~10 elementwise passes over its logits. So no more
+    than one chunk of logits ever exists, and backward only scales those two. In fp16 the
+    gradient would underflow before GradScaler's factor is known, so there backward recomputes
+    each chunk's logits and scales by it first. Same loss and gradients as the plain path up to
+    float rounding; padded vocabulary columns get zero gradient.
     """
 
     ROWS_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32, cache-sized
     CHUNK_ELEMENTS = 1 << 26  # logits per matmul chunk when the caller does not say: 256 MB of fp32
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0):
+    def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0, compiled: bool = False):
         # x (N, C), weight (V_padded, C), targets (N,) with -1 = not scored
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -125,15 +153,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device) if store and need_x else None
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if store and need_w else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-            for a in range(0, N, rows):
-                b = min(N, a + rows)
-                logits = x[a:b] @ weight.t()  # (n, V_padded): becomes the chunk's gradient
-                loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store)
-                if store:
-                    _add_chunk_grads(logits, x[a:b], weight, grad_x, grad_w, a)
-                del logits  # before the next chunk's matmul: one chunk alive at a time
+            if compiled:
+                _compiled_chunks(x, weight, t, valid, vocab, rows, None, grad_x, grad_w, loss_sum)
+            else:
+                for a in range(0, N, rows):
+                    b = min(N, a + rows)
+                    logits = x[a:b] @ weight.t()  # (n, V_padded): becomes the chunk's gradient
+                    loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store)
+                    if store:
+                        _add_chunk_grads(logits, x[a:b], weight, grad_x, grad_w, a)
+                    del logits  # before the next chunk's matmul: one chunk alive at a time
         ctx.backward_done = False
-        ctx.sizes, ctx.recompute = (vocab, rows, block_rows), recompute
+        ctx.sizes, ctx.recompute, ctx.compiled = (vocab, rows, block_rows), recompute, compiled
         if recompute:
             ctx.save_for_backward(x, weight, targets, count)
         else:
@@ -150,7 +181,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = grad_loss.float() / count
             gx = grad_x.mul_(scale).to(ctx.dtypes[0]) if grad_x is not None else None
             gw = grad_w.mul_(scale).to(ctx.dtypes[1]) if grad_w is not None else None
-            return gx, gw, None, None, None, None
+            return gx, gw, None, None, None, None, None
         x, weight, targets, count = ctx.saved_tensors  # fp16: recompute, scaled before the cast
         vocab, rows, block_rows = ctx.sizes
         scale = grad_loss.float() / count  # GradScaler's factor included: no underflow
@@ -160,14 +191,56 @@ class LinearCrossEntropy(torch.autograd.Function):
             valid, t = targets != -1, targets.clamp(min=0).unsqueeze(1)
             gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
             gw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-            for a in range(0, N, rows):
-                b = min(N, a + rows)
-                logits = x[a:b] @ weight.t()
-                _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale)
-                _add_chunk_grads(logits, x[a:b], weight, gx, gw, a)
-                del logits
+            if ctx.compiled:
+                _compiled_chunks(x, weight, t, valid, vocab, rows, scale, gx, gw)
+            else:
+                for a in range(0, N, rows):
+                    b = min(N, a + rows)
+                    logits = x[a:b] @ weight.t()
+                    _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale)
+                    _add_chunk_grads(logits, x[a:b], weight, gx, gw, a)
+                    del logits
         return (gx.to(ctx.dtypes[0]) if gx is not None else None,
-                gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None)
+                gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None, None)
+
+
+def _chunk_step(x, weight, t, valid, vocab: int, scale, need_x: bool, need_w: bool):
+    """One chunk of LinearCrossEntropy as one graph (what is compiled): x (n, C) and weight
+    (V_padded, C) in the compute dtype, t (n, 1) targets clamped to >= 0, valid (n,) ->
+    (summed loss of the valid rows, d(sum)/dx (n, C) fp32 or None, this chunk's share of
+    d(sum)/dweight (V_padded, C) fp32 or None), the gradients times `scale` where given. The
+    arithmetic of _chunk_loss + _add_chunk_grads, written as whole-chunk ops for the compiler."""
+    logits = x @ weight.t()  # (n, V_padded)
+    z = logits[:, :vocab].float()  # (n, V)
+    lse = torch.logsumexp(z, dim=1)  # (n,)
+    loss = ((lse - z.gather(1, t).squeeze(1)) * valid).sum()
+    if not (need_x or need_w):
+        return loss, None, None
+    p = torch.exp(z - lse.unsqueeze(1))  # softmax
+    hit = torch.arange(vocab, device=z.device).unsqueeze(0) == t  # (n, V): the one-hot
+    keep = valid.unsqueeze(1).to(z.dtype)  # (n, 1): ignored rows get no gradient
+    g = (p - hit.to(z.dtype)) * (keep if scale is None else keep * scale)
+    g = F.pad(g, (0, weight.size(0) - vocab)).to(logits.dtype)  # (n, V_padded): padded columns 0
+    gx = (g @ weight).float() if need_x else None  # (n, C)
+    gw = (g.t() @ x).float() if need_w else None  # (V_padded, C)
+    return loss, gx, gw
+
+
+def _compiled_chunks(x, weight, t, valid, vocab: int, rows: int, scale, grad_x, grad_w, loss_sum=None) -> None:
+    """Every chunk of `rows` rows through the compiled _chunk_step: its loss added to loss_sum,
+    its gradients written to grad_x / added to grad_w (the buffers that are not None)."""
+    step = _compile(_chunk_step, COMPILE_BACKEND)
+    need_x, need_w = grad_x is not None, grad_w is not None
+    for a in range(0, x.size(0), rows):
+        b = min(x.size(0), a + rows)
+        loss, gx, gw = step(x[a:b], weight, t[a:b], valid[a:b], vocab, scale, need_x, need_w)
+        if loss_sum is not None:
+            loss_sum += loss
+        if need_x:
+            grad_x[a:b] = gx
+        if need_w:
+            grad_w.copy_(gw) if a == 0 else grad_w.add_(gw)
+        del loss, gx, gw  # before the next chunk: one chunk alive at a time
 
 
 def _add_chunk_grads(g, x, weight, grad_x, grad_w, a: int) -> None:
@@ -235,6 +308,7 @@ def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_ro
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float32)
 
 
-# the chunked loop is plain Python over in-place ops: torch.compile runs it as it is (a graph
-# break), rather than tracing thousands of slices
+# Inside a compiled model the chunked loss is a graph break (the chunk loop is Python over
+# in-place buffers): eagerly it runs as it is; with `compiled` each chunk is its own compiled
+# graph (_chunk_step), one per chunk size.
 _fused_lm_loss = torch.compiler.disable(LinearCrossEntropy.apply)

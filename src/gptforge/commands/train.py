@@ -1,4 +1,4 @@
-"""gptforge train [--config FILE] [--resume DIR|auto] [--section.key VALUE ...]"""
+"""gptforge train [--config FILE|NAME] [--resume DIR|auto] [--section.key VALUE ...]"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from gptforge import config as C
 from gptforge.errors import GPTForgeError
 
-USAGE = """usage: gptforge train [--config FILE] [--resume DIR|auto] [--section.key VALUE ...]
+USAGE = """usage: gptforge train [--config FILE|NAME] [--resume DIR|auto] [--section.key VALUE ...]
 
 Train a GPT. With no arguments: the `tiny` model on the embedded python-stdlib corpus
 (prepared on first use), on the CPU or GPU, then a sample. Defaults -> --config TOML ->
@@ -72,7 +72,8 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         from gptforge.commands.options import usage_note
 
-        print(USAGE + "  --config FILE   TOML file with [model] [data] [optim] [run] tables\n"
+        print(USAGE + "  --config FILE   TOML file with [model] [data] [optim] [run] tables, or a packaged one by name\n"
+              f"                  from any directory: {', '.join(sorted(C.packaged_configs()))}\n"
               "  --resume R      auto | checkpoint dir | run dir\n"
               f"  {usage_note()}\n\n" + C.describe())
         return 0

@@ -53,7 +53,8 @@ def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = 
     targets when > 0, counted over all ranks: each rank takes ceil(max_tokens / world_size)).
 
     `loader` is a ShardLoader-like object: `iter_epoch(max_batches=None)` yields (x, y) int64
-    (B, T) batches. The model is put in eval mode and given back in the mode it came in.
+    (B, T) batches, and `B`, `T` (ShardLoader's names) bound how many batches the budget reads.
+    The model is put in eval mode and given back in the mode it came in.
     Returns {"loss": float, "ppl": float, "tokens": int}.
     """
     if max_tokens < 0:
@@ -62,7 +63,7 @@ def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = 
     # this rank's share of the budget; ranks may score a few tokens more or less than each other
     budget = math.ceil(max_tokens / world) if max_tokens else 0
     max_batches = None
-    B, T = getattr(loader, "batch_size", None), getattr(loader, "seq_len", None)
+    B, T = getattr(loader, "B", None), getattr(loader, "T", None)
     if budget and isinstance(B, int) and isinstance(T, int) and B * T > 0:
         max_batches = math.ceil(budget / (B * T))  # so the loader reads (and prefetches) no more
 

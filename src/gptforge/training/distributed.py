@@ -163,8 +163,9 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str,
     compile: one process and DDP compile the whole (DDP-wrapped) model, as before. Under FSDP2
     each block is compiled *before* it is sharded, in place (`Module.compile`: the parameter names
     and state-dict keys stay the same, no `_orig_mod.`); FSDP2's hooks then run between compiled
-    blocks instead of being traced into one graph of the whole root. The embeddings, the final
-    LayerNorm and the LM-head loss run eagerly there. Compilation itself happens at the first call.
+    blocks instead of being traced into one graph of the whole root. The embeddings and the final
+    LayerNorm run eagerly there; the LM-head loss compiles its own graphs (loss.HeadLoss.compiled,
+    which the trainer sets under run.compile). Compilation itself happens at the first call.
 
     Precision: no MixedPrecisionPolicy. FSDP2 keeps fp32 parameters (gathered in fp32) and runs
     under the trainer's autocast like DDP and one process, so the residual stream stays fp32 and

@@ -18,10 +18,10 @@ import torch
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
-from gptforge.device import (Runtime, best_peak_tflops, choose_lm_head_loss, peak_tflops, refuse_cpu_fallback,
-                             seed_everything, set_matmul_precision, synchronize)
+from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, set_head_loss
+from gptforge.measure import best_peak_tflops, choose_lm_head_loss, cpu_matmul_rates, peak_tflops
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.metrics import Reporter
@@ -128,15 +128,14 @@ class Trainer:
                                         compile=cfg.run.compile)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
-        # the plain logits + cross_entropy: chosen per device (device.choose_lm_head_loss), with
-        # row chunks sized per device (cache-sized on CPUs, a handful of big ones on GPUs). Decided
-        # before the micro-batch, whose trials must run the same path; with micro-batch auto the
-        # rows are the per-rank batch's (the largest candidate).
+        # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
+        # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
+        # must run the same path; with micro-batch auto the rows are the per-rank batch's.
         sequences = cfg.optim.micro_batch_size or per_rank_sequences(cfg.optim.batch_tokens, self.seq_len, self.env.world_size)
-        self.fused_loss, self.loss_path = choose_lm_head_loss(
-            cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size)
-        self.loss_rows = self.rt.lm_head_chunks(gpt_config.padded_vocab_size)
-        set_head_loss(self.model, HeadLoss("fused" if self.fused_loss else "plain", *self.loss_rows))
+        h = self.head_choice = choose_lm_head_loss(
+            cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size,
+            self.rt.precision, micro_auto=not cfg.optim.micro_batch_size)
+        set_head_loss(self.model, HeadLoss(h.path, h.rows, h.block_rows, compiled=h.compiled))
         saved_micro = None
         if self.resume_from is not None:  # auto re-derives only if the world size changed
             saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
@@ -343,7 +342,10 @@ class Trainer:
 
     @property
     def samples_here(self) -> bool:
-        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights)."""
+        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights).
+        With run.sample_tokens 0 nobody does: no sample mid-run nor at the end."""
+        if self.cfg.run.sample_tokens == 0:
+            return False
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
     def sample(self, prompt: str = "\n") -> str:
@@ -457,7 +459,7 @@ class Trainer:
             + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
             f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
-            f"LM-head loss {'fused, chunks of ' + str(self.loss_rows[0]) + ' rows' if self.fused_loss else 'plain'} ({self.loss_path})",
+            f"LM-head loss {self.head_choice.describe()}",
         ]
         return "\n".join(lines)
 
@@ -472,8 +474,6 @@ class Trainer:
         return f"random init (seed {self.cfg.run.seed})"
 
     def remeasure_peaks(self) -> None:
-        from gptforge.device import cpu_matmul_rates
-
         self.peaks_remeasured = True
         cpu_matmul_rates(refresh=True)
         self.peak = max(self.peak, peak_tflops(self.rt.device, self.rt.precision) * 1e12)
