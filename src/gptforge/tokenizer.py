@@ -329,6 +329,16 @@ def same(a: dict | None, b: dict | None) -> bool:
     return describe(a) == describe(b)
 
 
+def check_match(model: dict | None, model_where: str, data: dict | None, data_where: str) -> None:
+    """One line naming both when a model's tokenizer is not the data's (ids would mean other text)."""
+    if not same(model, data):
+        raise GPTForgeError(
+            f"tokenizer mismatch: {model_where} uses tokenizer {describe(model)}, but {data_where} was prepared with "
+            f"{describe(data)}; prepare the data with the model's tokenizer (gptforge prepare ... --tokenizer), or use "
+            "a model trained with the data's"
+        )
+
+
 def _make_encoding(name: str, ranks: list[bytes], pattern: str, specials: dict[str, int]) -> tiktoken.Encoding:
     try:
         return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks={t: i for i, t in enumerate(ranks)},

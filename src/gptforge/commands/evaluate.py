@@ -77,7 +77,7 @@ def evaluate(
 
 def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples, device, precision,
               progress, report, env) -> dict:
-    from gptforge.checkpoint import load_model
+    from gptforge.checkpoint import load_model, model_tokenizer
     from gptforge.device import Runtime
     from gptforge.training import distributed as distrib
 
@@ -85,29 +85,34 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
     runtime = Runtime.make(device, precision)
     distrib.init(env, runtime.device)
     model = load_model(ckpt_dir).to(runtime.device)
+    tok = model_tokenizer(ckpt_dir)
     cfg = model.config
     T = seq_len or cfg.block_size
     if T > cfg.block_size:
         raise GPTForgeError(f"--seq-len {T} exceeds the model's block_size {cfg.block_size}")
     report(
         f"checkpoint {ckpt_dir}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
-        f"block_size {cfg.block_size}; {runtime.device} {runtime.precision}"
+        f"block_size {cfg.block_size}; tokenizer {tok.name}; {runtime.device} {runtime.precision}"
     )
     result: dict = {"checkpoint": str(ckpt_dir), "val": None, "hellaswag": None}
 
     if data:
+        from gptforge.data.shards import data_tokenizer
         from gptforge.eval.perplexity import evaluate_loss
+        from gptforge.tokenizer import check_match
 
+        check_match(tok.identity(), f"checkpoint {ckpt_dir}", data_tokenizer(data).identity(), f"data {data}")
         loader = make_loader(data, split, batch_size, T, runtime.device, cfg.vocab_size, env.rank, env.world_size)
-        val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress)
+        val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress, token_bytes=tok.token_bytes())
         result["val"] = val
-        report(f"{split} loss {val['loss']:.4f}  perplexity {val['ppl']:.2f}  ({val['tokens']:,} tokens)")
+        report(f"{split} loss {val['loss']:.4f} nats/token  perplexity {val['ppl']:.2f}  bits per byte {val['bpb']:.4f}  "
+               f"({val['tokens']:,} tokens, {val['bytes']:,} bytes)")
 
     if hellaswag is not None:
         from gptforge.eval.hellaswag import N_VAL, download_hellaswag, evaluate_hellaswag, format_reference
 
         path = Path(hellaswag) if hellaswag else download_hellaswag()
-        hs = evaluate_hellaswag(model, path, runtime, max_examples=max_examples, progress=progress)
+        hs = evaluate_hellaswag(model, path, runtime, max_examples=max_examples, progress=progress, tokenizer=tok)
         result["hellaswag"] = hs
         partial = "" if hs["n"] >= N_VAL else f" (a subset: scores on {hs['n']} examples are noisy)"
         report(f"hellaswag acc {hs['acc']:.4f}  acc_norm {hs['acc_norm']:.4f}  on {hs['n']} examples{partial}")
