@@ -146,9 +146,10 @@ def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: G
     (directory / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def model_tokenizer(directory: str | Path, meta: dict | None = None):
+def model_tokenizer(directory: str | Path, meta: dict | None = None, required: bool = True):
     """The tokenizer of a model directory (see the module doc), checked against SHA256SUMS and
-    config.json's record."""
+    config.json's record. Not required: None for a directory that names none (a model saved with
+    no tokenizer whose vocabulary is not GPT-2's)."""
     from gptforge import tokenizer as tk
 
     directory = Path(directory)
@@ -160,6 +161,8 @@ def model_tokenizer(directory: str | Path, meta: dict | None = None):
     if record is None:
         if vocab == tk.N_VOCAB:
             return tk.Tokenizer()
+        if not required:
+            return None
         raise GPTForgeError(f"{directory / CONFIG}: names no tokenizer, and its vocabulary ({vocab}) is not GPT-2's")
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise GPTForgeError(f"{directory / CONFIG}: field 'tokenizer' must be an object with a name, got {record!r:.80}")

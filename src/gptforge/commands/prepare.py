@@ -96,5 +96,5 @@ def main(argv: list[str]) -> int:
     parts = [f"{name}: {body['num_tokens']:,} tokens, {body['num_documents']:,} documents, {len(body['shards'])} shards"
              for name, body in sorted(splits.items(), key=lambda kv: kv[0] != "val") if body["shards"]]
     skipped = f", {docs['files_skipped']} files skipped" if docs.get("files_skipped") else ""
-    print(f"{args.out}: " + "; ".join(parts) + f"{skipped}; tokenizer {manifest['tokenizer']} ({dt:.1f}s)")
+    print(f"{args.out}: " + "; ".join(parts) + f"{skipped} ({dt:.1f}s, tokenizer {manifest['tokenizer']})")
     return 0

@@ -5,11 +5,11 @@ The sources are read exactly as `prepare` reads them (sources.py: the same files
 field, split, and the same policy for files that are unreadable or not UTF-8: skipped with a
 warning, or fatal with `strict`). How much text the corpus holds is estimated before reading from
 what costs nothing: the sizes of plain files, the length a gzip file records in its trailer, the
-uncompressed size a parquet file's metadata gives. With that estimate E, each document is taken
-while the characters taken so far are fewer than max_chars / E of the characters read so far
-(every document when the corpus is smaller than max_chars), so the sample is spread evenly over
-the corpus, and reading stops once max_chars are taken. A document that would pass max_chars is
-cut there. `hf:` sources have no such estimate: their first max_chars characters are taken.
+uncompressed size a parquet file's metadata gives. With that estimate E and f = max_chars / E,
+a document is taken when the characters taken, with half of it, stay within f times the
+characters read, it included (every document when the corpus is smaller than max_chars), and
+the first document always: the sample is spread evenly over the corpus. Reading stops once max_chars are taken; a document
+that would pass max_chars is cut there. `hf:` sources have no such estimate: their first max_chars characters are taken.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def sample_documents(srcs: list[_src.Source], max_chars: int, *, text_field: str
     with bar:
         for doc in docs:
             seen += len(doc)
-            if taken < fraction * seen:
+            if taken + len(doc) / 2 <= fraction * seen or not taken:
                 doc = doc[: max_chars - taken]
                 taken += len(doc)
                 n_taken += 1

@@ -69,7 +69,7 @@ def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: st
 
     tk.check_match(hf.tokenizer_of(path).identity(), f"model.init_from {source}", tokenizer.identity(), data_where)
     base = hf.source_config(path)
-    overrides = check_against_source(cfg, base, source)
+    overrides = check_against_source(cfg, base, source, tokenizer.vocab_size)
     model = GPT.from_pretrained(str(path), **overrides)
     record = {"from": "init_from", "source": source, "path": str(path), "model": model.config.to_dict()}
     if model.config.block_size < base.block_size:
@@ -77,7 +77,7 @@ def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: st
     return model, record
 
 
-def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str) -> dict:
+def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, vocab_size: int = 50257) -> dict:
     """The load overrides for `source`, after checking every user-set model.* key against its
     architecture (one error listing all contradictions)."""
     m, explicit = cfg.model, cfg.explicit
@@ -86,8 +86,8 @@ def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str) -
         for key, value in PRESETS[m.preset].items():
             if key in ARCHITECTURE:
                 configured[key] = (f"model.preset {m.preset!r} ({key})", value)
-        if source_cfg.vocab_size != 50257:
-            configured["vocab_size"] = (f"model.preset {m.preset!r} (vocab_size)", 50257)
+        if source_cfg.vocab_size != vocab_size:  # a preset's vocabulary is the data tokenizer's
+            configured["vocab_size"] = (f"model.preset {m.preset!r} (vocab_size)", vocab_size)
     for key in ARCHITECTURE:
         value = getattr(m, key)
         if f"model.{key}" in explicit and value is not None:
