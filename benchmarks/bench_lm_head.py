@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The LM head + loss alone, forward and backward: the plain path (logits + F.cross_entropy)
-against the fused, chunked one (model.LinearCrossEntropy) with this device's chunk sizes
+against the fused, chunked one (loss.LinearCrossEntropy) with this device's chunk sizes
 (device.lm_head_chunks), in fp32 and bf16 autocast; time and peak memory of each.
 
 The implementations alternate round after round in one process, and the table shows the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.device import cpu_has_fast_bf16, lm_head_chunks, resolve_device, synchronize
-from gptforge.model import LinearCrossEntropy
+from gptforge.loss import LinearCrossEntropy
 
 V, VP = 50257, 50304
 

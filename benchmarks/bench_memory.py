@@ -43,6 +43,7 @@ def _status_kib(field: str) -> int:
 
 def child(a: argparse.Namespace) -> dict:
     from gptforge.device import Runtime
+    from gptforge.loss import HeadLoss
     from gptforge.model import GPT, preset
     from gptforge.training.distributed import apply_activation_checkpointing
     from gptforge.training.optim import make_optimizer
@@ -60,9 +61,11 @@ def child(a: argparse.Namespace) -> dict:
     y = torch.randint(0, 50257, (a.batch, a.seq), generator=g).to(rt.device)
     cuda = rt.device.type == "cuda"
 
+    model.head_loss = HeadLoss("plain" if cuda else "fused")  # the trainer's loss path: fused on CPU
+
     def step() -> None:
         with rt.autocast():
-            _, loss = model(x, y, return_logits=cuda)  # the trainer's loss path: fused on CPU
+            _, loss = model(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

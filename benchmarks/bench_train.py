@@ -7,8 +7,8 @@ fp32, tf32, bf16), eager and torch.compile'd. Also measured in the same run: the
 each dtype (square matmuls, best of a few sizes), and each step's achieved FLOP/s as a % of it.
 
     ours:       gptforge.model.GPT (flash attention, vocab padded to 50304, the trainer's fused
-                head + loss: return_logits=False) + AdamW(fused where available)
-    ours-plain: the same with return_logits=True (logits materialized, then F.cross_entropy)
+                head + loss: HeadLoss('fused')) + AdamW(fused where available)
+    ours-plain: the same with HeadLoss('plain') (logits materialized, then F.cross_entropy)
     hf:         transformers.GPT2LMHeadModel (its default sdpa attention, labels= loss) + torch AdamW
 
 FLOPs per token are the unpadded model's 6N + 12*L*H*Q*T for both (useful work only). Timing:
@@ -35,6 +35,7 @@ import torch
 
 from gptforge.bench import matmul_peak
 from gptforge.device import Runtime, cpu_has_fast_bf16, synchronize
+from gptforge.loss import HeadLoss
 from gptforge.model import GPT, preset
 
 GOALS = {"speedup_vs_hf": 2.0, "fp32_of_peak": 0.80, "bf16_of_peak": 0.60}
@@ -51,8 +52,10 @@ def build_ours(cfg_kw: dict, device: torch.device, fused_loss: bool = True):
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
 
+    model.head_loss = HeadLoss("fused" if fused_loss else "plain")
+
     def loss_fn(m, x, y):
-        return m(x, y, return_logits=not fused_loss)[1]
+        return m(x, y)[1]
 
     return model, opt, loss_fn
 

@@ -1,5 +1,6 @@
 """Config: defaults -> TOML -> overrides; every shipped config validates; clear errors."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,13 @@ def test_help_lists_every_key_with_its_doc():
     text = C.describe()
     assert "--optim.batch_tokens (int, default 4096): tokens per optimizer step" in text
     assert "--run.resume" not in text and "--model.preset" in text
+
+
+def test_every_field_has_help_from_its_metadata_and_train_help_shows_it():
+    """The CLI help comes from the dataclass fields themselves (no source scraping)."""
+    for name in C.SECTIONS:
+        section = type(getattr(C.TrainConfig(), name))
+        for f in dataclasses.fields(section):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no help"
+    text = C.describe()
+    assert "--optim.beta2 (float, default 0.95): AdamW beta2" in text

@@ -23,6 +23,7 @@ from gptforge.commands.train import build_config
 from gptforge.data.loader import ShardLoader
 from gptforge.errors import GPTForgeError
 from gptforge.hf import load_pretrained
+from gptforge.loss import HeadLoss
 from gptforge.model import GPT, preset
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import fit
@@ -170,12 +171,13 @@ def test_activation_checkpointing_same_loss_and_gradients():
     assert list(ac.state_dict()) == list(plain.state_dict())  # checkpoints load with and without it
     x = torch.randint(0, 50257, (3, 48), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 50257, (3, 48), generator=torch.Generator().manual_seed(2))
-    for return_logits in (True, False):
+    for path in ("plain", "fused"):
         losses = []
         for m in (plain, ac):
             m.zero_grad(set_to_none=True)
+            m.head_loss = HeadLoss(path)
             torch.manual_seed(3)  # the same dropout masks in both
-            _, loss = m(x, y, return_logits=return_logits)
+            _, loss = m(x, y)
             loss.backward()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
@@ -226,7 +228,8 @@ def test_auto_trajectory_equals_the_chosen_size_given(shards_dir, tmp_path, caps
 
 def test_auto_under_a_tight_budget_and_resume_keeps_the_choice(shards_dir, tmp_path, monkeypatch, capsys):
     nano = GPT(preset("nano", dropout=0.1))
-    per_seq = fit.saved_bytes_per_sequence(nano, nano, _cpu_fp32(), SEQ, {"return_logits": False}) * fit.BACKWARD_FACTOR
+    nano.head_loss = HeadLoss("fused")
+    per_seq = fit.saved_bytes_per_sequence(nano, nano, _cpu_fp32(), SEQ) * fit.BACKWARD_FACTOR
     available = 16 * 2**30
     monkeypatch.setattr(fit, "available_ram", lambda: available)  # not what other processes do meanwhile
     params = sum(p.numel() * 4 for p in nano.parameters())

@@ -29,6 +29,7 @@ import torch
 
 from gptforge import config as C
 from gptforge.device import Runtime
+from gptforge.loss import HeadLoss
 from gptforge.model import GPT, KVCache, preset
 from gptforge.training import checkpoint as ckpt
 from gptforge.training.trainer import Trainer, train
@@ -240,7 +241,7 @@ def test_kv_cache_greedy_equals_uncached_in_bf16_and_the_cache_is_bf16(monkeypat
     if cached != uncached:  # allowed only at a near-tie of the top two logits (bf16 rounding)
         i = next(j for j, (a, b) in enumerate(zip(cached, uncached)) if a != b)
         with torch.no_grad(), rt.autocast():
-            logits, _ = model(torch.tensor([prompt + uncached[:i]], device="cuda"), last_only=True)
+            logits, _ = model(torch.tensor([prompt + uncached[:i]], device="cuda"))
         top2 = logits[0, -1].float().topk(2).values
         assert (top2[0] - top2[1]).item() < 0.05, f"diverged at token {i} with a clear winner"
     sampled = gen.generate(model, prompt, 20, temperature=1.0, top_k=50, seed=0, stop_at_eot=False, runtime=rt)
@@ -408,8 +409,9 @@ def test_lm_head_memory_on_cuda_does_not_grow_with_batch_x_seq_len_x_vocab():
     model.train()
 
     def step(fused: bool):
+        model.head_loss = HeadLoss("fused" if fused else "plain", rows, rows)
         with rt.autocast():
-            _, loss = model(x, y, return_logits=not fused, loss_rows=rows, loss_block_rows=rows)
+            _, loss = model(x, y)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -17,6 +17,7 @@ from gptforge.checkpoint import load_model, save_model, write_sums
 from gptforge.errors import GPTForgeError
 from gptforge.sampling import generate
 from gptforge.hf import export_hf, load_pretrained
+from gptforge.loss import HeadLoss, use
 from gptforge.model import GPT, GPTConfig, KVCache, preset
 from helpers import randomize
 
@@ -228,29 +229,29 @@ def test_over_long_sequence():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-# --- the fused head + loss used for training (return_logits=False) --------------------------
+# --- the fused head + loss used for training (gptforge.loss, HeadLoss("fused")) -------------
 
 
-def head_grads(model, x, y, dtype=None, **kw):
+def head_grads(model, x, y, dtype=None, head_loss=HeadLoss()):
     """Loss and every parameter's gradient of one forward/backward (under autocast to dtype)."""
     model.zero_grad()
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        logits, loss = model(x, y, **kw)
+    with use(model, head_loss), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits, loss = model(x, y)
     (loss / 2).backward()  # a loss scaled as accumulation does
-    assert (logits is None) == (kw.get("return_logits") is False)
+    assert (logits is None) == (head_loss.path == "fused")
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("pad_vocab", [False, True])
 @pytest.mark.parametrize("rows,block_rows", [(0, 0), (7, 3), (40, 0)])
 def test_fused_loss_equals_plain_loss_and_gradients(pad_vocab, rows, block_rows):
-    """return_logits=False: the same loss and the same gradients as logits + F.cross_entropy
+    """The fused path: the same loss and the same gradients as logits + F.cross_entropy
     (ignored targets, padded vocabulary), in one chunk or in several chunks and blocks."""
     model = tiny(pad_vocab=pad_vocab).train()
     x, y = tokens(32, batch=3, seed=5), tokens(32, batch=3, seed=6)
     y[0, :7] = -1
     loss_a, grads_a = head_grads(model, x, y)
-    loss_b, grads_b = head_grads(model, x, y, return_logits=False, loss_rows=rows, loss_block_rows=block_rows)
+    loss_b, grads_b = head_grads(model, x, y, head_loss=HeadLoss("fused", rows, block_rows))
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -267,7 +268,7 @@ def test_fused_loss_under_autocast_is_as_accurate_as_the_plain_path(dtype):
     y[0, :7] = -1
     loss_ref, grads_ref = head_grads(model, x, y)
     loss_plain, grads_plain = head_grads(model, x, y, dtype)
-    loss_fused, grads_fused = head_grads(model, x, y, dtype, return_logits=False, loss_rows=40, loss_block_rows=16)
+    loss_fused, grads_fused = head_grads(model, x, y, dtype, HeadLoss("fused", 40, 16))
     assert abs(loss_fused - loss_ref) <= 2 * abs(loss_plain - loss_ref) + 1e-3
     for name, ref in grads_ref.items():
         err_plain = (grads_plain[name] - ref).norm() / ref.norm()
@@ -284,8 +285,8 @@ def test_fused_loss_in_fp16_keeps_small_gradients_when_the_loss_is_scaled():
     x, y = tokens(32, batch=3, seed=5), tokens(32, batch=3, seed=6)
     _, grads_ref = head_grads(model, x, y)
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.float16):
-        _, loss = model(x, y, return_logits=False, loss_rows=40)
+    with use(model, HeadLoss("fused", 40)), torch.autocast("cpu", dtype=torch.float16):
+        _, loss = model(x, y)
     (loss * 2**16).backward()
     ref = grads_ref["transformer.wte.weight"][:50257] * 2 * 2**16  # head_grads halved the loss
     got = model.transformer.wte.weight.grad[:50257]
@@ -294,7 +295,7 @@ def test_fused_loss_in_fp16_keeps_small_gradients_when_the_loss_is_scaled():
 
 
 def test_per_token_losses_equal_plain_cross_entropy():
-    """loss_reduction="none": the (B, T) losses of logits + F.cross_entropy, 0 where ignored."""
+    """reduction "none", on both paths: the (B, T) losses of logits + F.cross_entropy, 0 where ignored."""
     import torch.nn.functional as F
 
     model = tiny(pad_vocab=True)
@@ -303,8 +304,9 @@ def test_per_token_losses_equal_plain_cross_entropy():
     with torch.no_grad():
         logits, _ = model(x)
         want = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="none")
-        for rows, block_rows in ((0, 0), (5, 2), (1000, 0)):
-            _, got = model(x, y, return_logits=False, loss_reduction="none", loss_rows=rows, loss_block_rows=block_rows)
+        for path, rows, block_rows in (("fused", 0, 0), ("fused", 5, 2), ("fused", 1000, 0), ("plain", 0, 0)):
+            with use(model, HeadLoss(path, rows, block_rows, reduction="none")):
+                _, got = model(x, y)
             assert got.shape == (3, 32) and got.dtype == torch.float32
             torch.testing.assert_close(got, want.view(3, 32), rtol=1e-5, atol=1e-5)
             assert (got[1, 3:9] == 0).all()

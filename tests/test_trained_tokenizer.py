@@ -469,7 +469,7 @@ def test_bits_per_byte_equals_a_hand_computation(bpe_run, data_dir, tok):
     nats = n_bytes = 0.0
     with torch.no_grad():
         for x, y in loader.iter_epoch():
-            logits, _ = model(x, y)
+            logits, _ = model(x)
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), reduction="none")
             for loss, target in zip(losses.tolist(), y.flatten().tolist()):
                 b = len(tok.decode_bytes([target])) if target != tok.eot_id else 0  # EOT: in neither sum

@@ -2,8 +2,8 @@
 
 Sections: `model` (which architecture: a preset plus overrides), `data`, `optim`, `run`.
 The architecture itself is `gptforge.model.GPTConfig`; `ModelArgs.gpt_config()` resolves it.
-Unknown keys and wrong types are errors that list the valid keys. Field docs (the comment after
-each field) become the CLI help of `gptforge train --help`.
+Unknown keys and wrong types are errors that list the valid keys. Each field's help (`arg(default,
+help)`, kept in the field's metadata) becomes the CLI help of `gptforge train --help`.
 """
 
 from __future__ import annotations
@@ -27,18 +27,23 @@ from gptforge.model import PRESETS, GPTConfig, preset
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
+def arg(default, help: str):
+    """A config field with its help text (shown by `gptforge train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArgs:
-    preset: str = "tiny"  # named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl
-    n_layer: int | None = None  # override the preset's number of blocks
-    n_head: int | None = None  # override the preset's number of heads
-    n_embd: int | None = None  # override the preset's width
-    block_size: int | None = None  # override the preset's context length
-    dropout: float = 0.0  # dropout in attention, residual and embedding paths
-    bias: bool = True  # biases in Linear and LayerNorm (GPT-2: true)
-    attention: str = "flash"  # flash (scaled_dot_product_attention) | manual (explicit mask)
-    pad_vocab: bool = False  # pad the vocabulary 50257 -> 50304 for faster matmuls
-    init_from: str = ""  # start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs
+    preset: str = arg("tiny", "named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    n_layer: int | None = arg(None, "override the preset's number of blocks")
+    n_head: int | None = arg(None, "override the preset's number of heads")
+    n_embd: int | None = arg(None, "override the preset's width")
+    block_size: int | None = arg(None, "override the preset's context length")
+    dropout: float = arg(0.0, "dropout in attention, residual and embedding paths")
+    bias: bool = arg(True, "biases in Linear and LayerNorm (GPT-2: true)")
+    attention: str = arg("flash", "flash (scaled_dot_product_attention) | manual (explicit mask)")
+    pad_vocab: bool = arg(False, "pad the vocabulary 50257 -> 50304 for faster matmuls")
+    init_from: str = arg("", "start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs")
 
     def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
@@ -55,61 +60,61 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    dir: str = ""  # directory of prepared shards; empty = the embedded python-stdlib corpus (prepared on first use)
-    tokenizer: str = "gpt2"  # the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with
-    seq_len: int = 0  # tokens per sequence T; 0 = the model's block_size
-    order: str = "shuffle"  # shuffle (seeded permutation of windows each epoch) | sequential
-    prefetch: int = 2  # batches prepared ahead in a background thread (0 = off)
-    verify: bool = True  # sha256 of every shard against manifest.json before the first step (remembered; off = start at once)
+    dir: str = arg("", "directory of prepared shards; empty = the embedded python-stdlib corpus (prepared on first use)")
+    tokenizer: str = arg("gpt2", "the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with")
+    seq_len: int = arg(0, "tokens per sequence T; 0 = the model's block_size")
+    order: str = arg("shuffle", "shuffle (seeded permutation of windows each epoch) | sequential")
+    prefetch: int = arg(2, "batches prepared ahead in a background thread (0 = off)")
+    verify: bool = arg(True, "sha256 of every shard against manifest.json before the first step (remembered; off = start at once)")
 
 
 @dataclass
 class OptimArgs:
-    batch_tokens: int = 4096  # tokens per optimizer step across all ranks and micro-steps
-    micro_batch_size: int = 0  # sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device
-    lr: float = 6e-4  # peak learning rate (the default by benchmarks/sweep_lr.py: 2e-3 and 1e-3 spike early)
-    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio after cosine decay
-    warmup_steps: int = 10  # linear warmup steps
-    decay_steps: int = 0  # cosine decay ends here; 0 = run.max_steps
-    weight_decay: float = 0.1  # applied to >=2-D parameters only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
-    fused: str = "auto"  # fused AdamW: auto (where available) | on | off
-    spike_guard: bool = False  # skip steps whose loss/grad norm spikes; roll back after repeats
-    spike_k: float = 6.0  # a spike is > mean + k * std of recent steps
-    spike_window: int = 50  # steps of history for the running statistics
-    spike_max_skips: int = 3  # consecutive skips before rolling back to the last checkpoint
-    spike_lr_factor: float = 0.5  # LR multiplier applied after a rollback
+    batch_tokens: int = arg(4096, "tokens per optimizer step across all ranks and micro-steps")
+    micro_batch_size: int = arg(0, "sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device")
+    lr: float = arg(6e-4, "peak learning rate (the default by benchmarks/sweep_lr.py: 2e-3 and 1e-3 spike early)")
+    min_lr_ratio: float = arg(0.1, "final LR = lr * min_lr_ratio after cosine decay")
+    warmup_steps: int = arg(10, "linear warmup steps")
+    decay_steps: int = arg(0, "cosine decay ends here; 0 = run.max_steps")
+    weight_decay: float = arg(0.1, "applied to >=2-D parameters only")
+    beta1: float = arg(0.9, "AdamW beta1 (momentum)")
+    beta2: float = arg(0.95, "AdamW beta2 (second-moment decay)")
+    eps: float = arg(1e-8, "AdamW epsilon")
+    grad_clip: float = arg(1.0, "global grad-norm clip; 0 = off")
+    fused: str = arg("auto", "fused AdamW: auto (where available) | on | off")
+    spike_guard: bool = arg(False, "skip steps whose loss/grad norm spikes; roll back after repeats")
+    spike_k: float = arg(6.0, "a spike is > mean + k * std of recent steps")
+    spike_window: int = arg(50, "steps of history for the running statistics")
+    spike_max_skips: int = arg(3, "consecutive skips before rolling back to the last checkpoint")
+    spike_lr_factor: float = arg(0.5, "LR multiplier applied after a rollback")
 
 
 @dataclass
 class RunArgs:
-    dir: str = "runs/tiny"  # run directory: config, metrics.jsonl, checkpoints/
-    max_steps: int = 60  # optimizer steps
-    seed: int = 1337  # seeds python, numpy, torch and the data order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # fp32 | tf32 | bf16 | fp16 | auto (GPU: bf16 where supported; CPU: the faster of fp32 and bf16 by a cached matmul probe)
-    compile: bool = False  # torch.compile the training forward/backward
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    eval_every: int = 20  # steps between validation passes (0 = only at the end)
-    eval_tokens: int = 32768  # validation tokens per pass (0 = the whole split)
-    sample_every: int = 0  # steps between short samples (0 = with every evaluation, and at the end)
-    sample_tokens: int = 64  # tokens in each sample
-    sample_prompt: str = "\n"  # the text the samples continue
-    ckpt_every: int = 20  # steps between checkpoints (0 = only at the end)
-    keep_last: int = 3  # checkpoints kept
-    log_every: int = 1  # steps between metrics rows
-    peak_tflops: float = 0.0  # peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe
-    log: str = "none"  # none | wandb | tensorboard (metrics.jsonl is always written)
-    project: str = "gptforge"  # wandb project
-    name: str = ""  # run name for trackers; empty = the run directory's name
-    dist: str = "ddp"  # ddp | fsdp when launched by torchrun
-    hellaswag_every: int = 0  # steps between HellaSwag evaluations (0 = off)
-    hellaswag_path: str = ""  # HellaSwag jsonl for in-training evaluation
-    max_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0 = no limit
-    lm_head_loss: str = "auto"  # auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see device.choose_lm_head_loss
+    dir: str = arg("runs/tiny", "run directory: config, metrics.jsonl, checkpoints/")
+    max_steps: int = arg(60, "optimizer steps")
+    seed: int = arg(1337, "seeds python, numpy, torch and the data order")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps")
+    precision: str = arg("auto", "fp32 | tf32 | bf16 | fp16 | auto (GPU: bf16 where supported; CPU: the faster of fp32 and bf16 by a cached matmul probe)")
+    compile: bool = arg(False, "torch.compile the training forward/backward")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, ~1/3 more compute")
+    eval_every: int = arg(20, "steps between validation passes (0 = only at the end)")
+    eval_tokens: int = arg(32768, "validation tokens per pass (0 = the whole split)")
+    sample_every: int = arg(0, "steps between short samples (0 = with every evaluation, and at the end)")
+    sample_tokens: int = arg(64, "tokens in each sample")
+    sample_prompt: str = arg("\n", "the text the samples continue")
+    ckpt_every: int = arg(20, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = arg(3, "checkpoints kept")
+    log_every: int = arg(1, "steps between metrics rows")
+    peak_tflops: float = arg(0.0, "peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe")
+    log: str = arg("none", "none | wandb | tensorboard (metrics.jsonl is always written)")
+    project: str = arg("gptforge", "wandb project")
+    name: str = arg("", "run name for trackers; empty = the run directory's name")
+    dist: str = arg("ddp", "ddp | fsdp when launched by torchrun")
+    hellaswag_every: int = arg(0, "steps between HellaSwag evaluations (0 = off)")
+    hellaswag_path: str = arg("", "HellaSwag jsonl for in-training evaluation")
+    max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
+    lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see device.choose_lm_head_loss")
 
 
 @dataclass
@@ -363,17 +368,8 @@ def seq_len_of(cfg: TrainConfig) -> int:
 
 
 def field_help(section_cls) -> dict[str, str]:
-    """Field name -> the comment after it in this file (used as CLI help)."""
-    import inspect
-
-    src = inspect.getsource(section_cls)
-    out = {}
-    for line in src.splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", "def", "class")):
-            name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
-    return out
+    """Field name -> its help (the `arg(..., help)` metadata): the CLI help of `gptforge train`."""
+    return {f.name: f.metadata.get("help", "") for f in fields(section_cls)}
 
 
 def describe() -> str:

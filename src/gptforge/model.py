@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import GPTForgeError
+from gptforge.loss import HeadLoss
 
 PAD_MULTIPLE = 128  # 50257 -> 50304: a vocabulary that tiles into fast matmuls
 
@@ -178,160 +179,6 @@ class Block(nn.Module):
         return x
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross_entropy(x @ weight.T [:, :vocab], targets, ignore_index=-1), fused and chunked.
-
-    The plain path keeps the (N, V) logits, an fp32 copy, the log-softmax and their gradients:
-    about a dozen passes over N x 50257 floats (on a CPU as costly as the head's matmuls; on a
-    GPU ~20 GB for 64 x 1024 tokens). Here the rows go through in chunks of `rows` (sized per
-    device by the caller: see gptforge.device.lm_head_chunks): a chunk's logits are made by one
-    matmul (in the autocast dtype where autocast is on, as autocast would), turned in place, a
-    block of `block_rows` rows at a time (cache-sized on CPUs), into their gradient softmax -
-    one-hot in fp32, and multiplied straight away into the chunk's share of d loss / d x and
-    d loss / d weight, kept in fp32. So no more than one chunk of logits ever exists, and
-    backward only scales those two. In fp16 the gradient would underflow before GradScaler's
-    factor is known, so there backward recomputes each chunk's logits and scales by it first.
-    Same loss and gradients as the plain path up to float rounding; padded vocabulary columns
-    get zero gradient.
-    """
-
-    ROWS_ELEMENTS = 1 << 21  # logits per elementwise block on a CPU: 8 MB of fp32, cache-sized
-    CHUNK_ELEMENTS = 1 << 26  # logits per matmul chunk when the caller does not say: 256 MB of fp32
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0):
-        # x (N, C), weight (V_padded, C), targets (N,) with -1 = not scored
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        ctx.dtypes = (x.dtype, weight.dtype)
-        x, weight = x.to(dtype), weight.to(dtype)  # what autocast does for a matmul; no-ops in fp32
-        N, C = x.shape
-        rows, block_rows = _chunk_sizes(rows, block_rows, weight.size(0))
-        need_x, need_w = ctx.needs_input_grad[:2]
-        recompute = dtype == torch.float16 and (need_x or need_w)
-        store = (need_x or need_w) and not recompute
-        with torch.autocast(dev, enabled=False):
-            valid = targets != -1  # (N,)
-            count = valid.sum()
-            t = targets.clamp(min=0).unsqueeze(1)  # (N, 1)
-            grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device) if store and need_x else None
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if store and need_w else None
-            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-            for a in range(0, N, rows):
-                b = min(N, a + rows)
-                logits = x[a:b] @ weight.t()  # (n, V_padded): becomes the chunk's gradient
-                loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store)
-                if store:
-                    _add_chunk_grads(logits, x[a:b], weight, grad_x, grad_w, a)
-                del logits  # before the next chunk's matmul: one chunk alive at a time
-        ctx.backward_done = False
-        ctx.sizes, ctx.recompute = (vocab, rows, block_rows), recompute
-        if recompute:
-            ctx.save_for_backward(x, weight, targets, count)
-        else:
-            ctx.save_for_backward(grad_x, grad_w, count)
-        return loss_sum / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if not ctx.recompute:
-            if ctx.backward_done:  # the buffers below are scaled in place
-                raise RuntimeError("LinearCrossEntropy: backward through the same loss twice is not supported")
-            ctx.backward_done = True
-            grad_x, grad_w, count = ctx.saved_tensors  # sums of (softmax - one-hot) products
-            scale = grad_loss.float() / count
-            gx = grad_x.mul_(scale).to(ctx.dtypes[0]) if grad_x is not None else None
-            gw = grad_w.mul_(scale).to(ctx.dtypes[1]) if grad_w is not None else None
-            return gx, gw, None, None, None, None
-        x, weight, targets, count = ctx.saved_tensors  # fp16: recompute, scaled before the cast
-        vocab, rows, block_rows = ctx.sizes
-        scale = grad_loss.float() / count  # GradScaler's factor included: no underflow
-        need_x, need_w = ctx.needs_input_grad[:2]
-        N = x.size(0)
-        with torch.autocast(x.device.type, enabled=False):
-            valid, t = targets != -1, targets.clamp(min=0).unsqueeze(1)
-            gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-            gw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-            for a in range(0, N, rows):
-                b = min(N, a + rows)
-                logits = x[a:b] @ weight.t()
-                _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale)
-                _add_chunk_grads(logits, x[a:b], weight, gx, gw, a)
-                del logits
-        return (gx.to(ctx.dtypes[0]) if gx is not None else None,
-                gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None)
-
-
-def _add_chunk_grads(g, x, weight, grad_x, grad_w, a: int) -> None:
-    """grad_x[a:a+n] = g @ weight and grad_w (+)= g.T @ x for the chunk at row a with gradient g
-    (n, V_padded): straight into the fp32 buffers where the dtypes allow (fp32), else through a
-    cast; the first chunk writes grad_w, later ones add to it."""
-    if grad_x is not None:
-        if g.dtype == grad_x.dtype:
-            torch.mm(g, weight, out=grad_x[a : a + g.size(0)])  # (n, C)
-        else:
-            grad_x[a : a + g.size(0)] = g @ weight
-    if grad_w is not None:
-        if g.dtype == grad_w.dtype:
-            torch.mm(g.t(), x, out=grad_w) if a == 0 else grad_w.addmm_(g.t(), x)  # (V_padded, C)
-        elif a == 0:
-            grad_w.copy_(g.t() @ x)
-        else:
-            grad_w += g.t() @ x
-
-
-def _chunk_sizes(rows: int, block_rows: int, padded_vocab: int) -> tuple[int, int]:
-    """(rows per matmul chunk, rows per elementwise block); 0 = the defaults (a CPU's sizes)."""
-    rows = rows if rows > 0 else max(1, LinearCrossEntropy.CHUNK_ELEMENTS // padded_vocab)
-    block_rows = block_rows if block_rows > 0 else max(1, LinearCrossEntropy.ROWS_ELEMENTS // padded_vocab)
-    return rows, min(rows, block_rows)
-
-
-def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale=None) -> torch.Tensor:
-    """Summed loss of a chunk's rows; with grad, turns logits (n, V_padded) in place into
-    (softmax - one-hot) * valid (* scale), zero in the padded columns."""
-    loss_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for a in range(0, logits.size(0), block_rows):
-        b = min(logits.size(0), a + block_rows)
-        block = logits[a:b]  # (n, V_padded)
-        z = block[:, :vocab].float()  # (n, V): a view in fp32, a copy in bf16/fp16
-        lse = torch.logsumexp(z, dim=1)  # (n,)
-        loss_sum += ((lse - z.gather(1, t[a:b]).squeeze(1)) * valid[a:b]).sum()
-        if grad:
-            z.sub_(lse.unsqueeze(1)).exp_()  # softmax
-            z.scatter_add_(1, t[a:b], -torch.ones_like(z[:, :1]))  # - one-hot
-            keep = valid[a:b, None].to(z.dtype)  # (n, 1): ignored rows get no gradient
-            z.mul_(keep if scale is None else keep * scale)
-            if z.data_ptr() != block.data_ptr():
-                block[:, :vocab].copy_(z)
-            block[:, vocab:].zero_()  # padded columns: never a prediction
-    return loss_sum
-
-
-def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0) -> torch.Tensor:
-    """cross_entropy(x @ weight.T [:, :vocab], targets, reduction="none", ignore_index=-1): (N,)
-    fp32, 0 where ignored, computed `rows` rows at a time so that without grad (evaluation) no
-    more than one chunk of logits and its fp32 copy ever exist."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    x, weight = x.to(dtype), weight.to(dtype)
-    rows, block_rows = _chunk_sizes(rows, block_rows, weight.size(0))
-    out = []
-    with torch.autocast(dev, enabled=False):
-        for a in range(0, x.size(0), rows):
-            logits = x[a : a + rows] @ weight.t()  # (n, V_padded)
-            for i in range(0, logits.size(0), block_rows):
-                z = logits[i : i + block_rows, :vocab].float()  # (m, V)
-                out.append(F.cross_entropy(z, targets[a + i : a + i + z.size(0)], ignore_index=-1, reduction="none"))
-            del logits, z  # before the next chunk's matmul: one chunk alive at a time
-    return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float32)
-
-
-# the chunked loop is plain Python over in-place ops: torch.compile runs it as it is (a graph
-# break), rather than tracing thousands of slices
-_fused_lm_loss = torch.compiler.disable(LinearCrossEntropy.apply)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -349,6 +196,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, shared storage
+        self.head_loss = HeadLoss()  # logits + cross_entropy; the trainer may choose the fused path
         self.init_weights()
 
     @torch.no_grad()
@@ -370,24 +218,12 @@ class GPT(nn.Module):
                     module.bias.zero_()
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        last_only: bool = False,
-        return_logits: bool = True,
-        loss_reduction: str = "mean",
-        loss_rows: int = 0,
-        loss_block_rows: int = 0,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and the fp32 cross-entropy loss
-        against targets (B, T) (ignore_index -1), or None without targets. With a KV cache, idx
-        continues the cached sequence. last_only returns logits for the last position only.
-        return_logits=False (with targets) returns (None, loss): the same loss and gradients,
-        computed without keeping the (B, T, V) logits (see LinearCrossEntropy), for training;
-        with loss_reduction="none" as well, the per-token losses (B, T) in fp32 (0 where ignored),
-        for evaluation. loss_rows / loss_block_rows size its row chunks (0 = defaults; the caller
-        picks them per device: gptforge.device.lm_head_chunks)."""
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (B, T)
+        (-1 = not scored) -> (logits, fp32 cross-entropy loss) through `self.head_loss`, whose
+        fused path returns no logits (see gptforge.loss). With a KV cache, idx continues the
+        cached sequence."""
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -402,25 +238,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is not None and not return_logits:
-            head = (x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size,
-                    loss_rows, loss_block_rows)
-            if loss_reduction == "none":
-                return None, lm_head_token_losses(*head).view(B, T)
-            return None, _fused_lm_loss(*head)
-        if last_only and targets is None:
-            x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V_padded)
-        if self.config.pad_vocab:
-            # padded columns are never a prediction: dropping them keeps the loss and sampling
-            # identical to the unpadded model's
-            logits = logits[..., : self.config.vocab_size]  # (B, T, V)
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+            return self.head_loss(x, self.lm_head.weight, targets, self.config.vocab_size)
+        logits = self.lm_head(x)  # (B, T, V_padded)
+        # padded columns are never a prediction: dropping them keeps sampling identical to the
+        # unpadded model's
+        return logits[..., : self.config.vocab_size], None  # (B, T, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (the tied head counted once). non_embedding subtracts the position

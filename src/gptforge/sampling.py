@@ -118,12 +118,12 @@ def stream_batch(
         for _ in range(max_new_tokens):
             with autocast():
                 if cache is None:
-                    logits, _ = model(idx[:, -block_size:], last_only=True)  # (B, 1, V)
+                    logits, _ = model(idx[:, -block_size:])  # (B, T, V)
                 else:
                     if feed is None or cache.pos + feed.size(1) > block_size:
                         cache.pos = 0  # slide the window: positions changed, recompute it all
                         feed = idx[:, -block_size:]
-                    logits, _ = model(feed, kv_cache=cache, last_only=True)  # (B, 1, V)
+                    logits, _ = model(feed, kv_cache=cache)  # (B, T, V)
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, T+1)
             feed = nxt[:, None]  # (B, 1)

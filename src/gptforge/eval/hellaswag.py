@@ -26,6 +26,7 @@ import torch
 
 from gptforge.errors import GPTForgeError
 from gptforge.eval.perplexity import token_losses
+from gptforge.loss import unwrap
 from gptforge.fsutil import atomic_path
 from gptforge.tokenizer import Tokenizer
 
@@ -142,12 +143,6 @@ def score_endings(model, tokens: torch.Tensor, mask: torch.Tensor, runtime) -> t
     return sum_loss, mean_loss
 
 
-def _unwrap(model):
-    """The GPT inside a DDP wrapper (.module); torch.compile's wrapper forwards .config itself."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
-
 
 def _dist() -> tuple[int, int]:
     import torch.distributed as dist
@@ -171,7 +166,7 @@ def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | Non
     # repeats whose results are not counted
     padding = (-(-len(examples) // world) - len(mine)) if world > 1 else 0
     tokenizer = tokenizer or Tokenizer()
-    block_size = _unwrap(model).config.block_size
+    block_size = unwrap(model).config.block_size
 
     bar = None
     if progress and rank == 0:

@@ -8,8 +8,9 @@ cut into batches. Bits per byte, the yardstick that survives a change of tokeniz
     bpb = sum of the losses of the targets that are text / (ln 2 x the UTF-8 bytes of those targets)
 
 with each token's bytes from the tokenizer (`Tokenizer.token_bytes`, nanochat's `token_bytes`):
-special tokens (<|endoftext|>) have 0 bytes and are left out of both sums. Under torch.distributed each rank scores its own share of the windows and the
-sums are all-reduced, so every rank returns the same numbers.
+special tokens (<|endoftext|>) have 0 bytes and are left out of both sums. Under torch.distributed
+each rank scores its own share of the windows and the sums are all-reduced, so every rank returns
+the same numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import torch
 
 from gptforge.errors import GPTForgeError
+from gptforge.loss import HeadLoss, unwrap, use
 
 IGNORE_INDEX = -1  # targets equal to this are not scored (the model's convention too)
 
@@ -43,20 +45,13 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def token_losses(model, x: torch.Tensor, y: torch.Tensor, runtime) -> torch.Tensor:
     """Per-token cross-entropy (B, T) in fp32; the forward runs under the runtime's autocast.
 
-    The LM head and the loss go through the rows in chunks sized for the device (the model's
-    loss_reduction="none"): no (B, T, V) logits, nor their fp32 copy, ever exist, so memory
+    The LM head and the loss go through the rows in chunks sized for the device (the fused head
+    loss with reduction "none"): no (B, T, V) logits, nor their fp32 copy, ever exist, so memory
     does not grow with batch x seq_len x vocabulary."""
-    rows, block_rows = runtime.lm_head_chunks(_unwrap(model).config.padded_vocab_size)
-    with runtime.autocast():
-        _, losses = model(x, y, return_logits=False, loss_reduction="none", loss_rows=rows, loss_block_rows=block_rows)
+    rows, block_rows = runtime.lm_head_chunks(unwrap(model).config.padded_vocab_size)
+    with use(model, HeadLoss("fused", rows, block_rows, reduction="none")), runtime.autocast():
+        _, losses = model(x, y)
     return losses.view(y.shape)  # (B, T); 0 where ignored
-
-
-def _unwrap(model):
-    """The GPT inside a DDP (.module) or torch.compile (._orig_mod) wrapper."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ def candidates(per_rank: int) -> list[int]:
     return out
 
 
-def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int, loss_kwargs: dict,
+def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int,
            saved: dict | None = None) -> MicroBatch:
     """The micro-batch of this run: the configured one, the one a resumed run chose at the same
     world size (`saved`, from its checkpoint), or a new choice for `auto`."""
@@ -65,9 +65,9 @@ def choose(cfg, model, train_model, optimizer, rt, env, seq_len: int, loss_kwarg
             and per_rank % saved["size"] == 0:
         return MicroBatch(saved["size"], f"auto, as chosen when the run began ({saved.get('reason', '')})", env.world_size)
     if rt.device.type == "cuda":
-        size, why = _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kwargs)
+        size, why = _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank)
     else:
-        size, why = _fit_ram(model, train_model, rt, env, seq_len, per_rank, loss_kwargs)
+        size, why = _fit_ram(model, train_model, rt, env, seq_len, per_rank)
     return MicroBatch(size, f"auto: {why}", env.world_size)
 
 
@@ -107,7 +107,7 @@ def _too_big(model, seq_len: int, device_memory: str) -> GPTForgeError:
     )
 
 
-def _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kwargs) -> tuple[int, str]:
+def _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank) -> tuple[int, str]:
     device = rt.device
     total = torch.cuda.get_device_properties(device).total_memory
     saved_weights = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
@@ -115,7 +115,7 @@ def _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kw
     tried, chosen, peak = [], 0, 0
     try:
         for b in candidates(per_rank):
-            ok, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs)
+            ok, peak = _trial_step(model, train_model, optimizer, rt, b, seq_len)
             ok = _agree(int(ok), env)
             tried.append(b)
             if ok:
@@ -141,7 +141,7 @@ def _fit_cuda(model, train_model, optimizer, rt, env, seq_len, per_rank, loss_kw
     return chosen, why + (f"; the per-rank batch is {per_rank}" if chosen == per_rank else "")
 
 
-def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs) -> tuple[bool, int]:
+def _trial_step(model, train_model, optimizer, rt, b, seq_len) -> tuple[bool, int]:
     """One forward + backward + optimizer step at micro-batch b; (fits, peak bytes)."""
     torch.cuda.reset_peak_memory_stats(rt.device)
     oom = False
@@ -149,7 +149,7 @@ def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs) -> t
     try:
         x, y = _batch(model, b, seq_len, rt.device)
         with _no_collectives(train_model), rt.autocast():
-            _, loss = train_model(x, y, **loss_kwargs)
+            _, loss = train_model(x, y)
         loss.backward()
         optimizer.step()
         torch.cuda.synchronize(rt.device)
@@ -163,7 +163,7 @@ def _trial_step(model, train_model, optimizer, rt, b, seq_len, loss_kwargs) -> t
     return not oom, peak
 
 
-def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, loss_kwargs: dict) -> int:
+def saved_bytes_per_sequence(model, train_model, rt, seq_len: int) -> int:
     """Bytes autograd keeps for backward in one training forward of one sequence (parameters,
     which exist anyway, not counted; each storage counted once)."""
     params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
@@ -182,7 +182,7 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int, loss_kwargs: 
     try:
         train_model.train()  # as in training: dropout keeps its masks
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-            _, loss = train_model(x, y, **loss_kwargs)
+            _, loss = train_model(x, y)
         del loss  # no backward: the graph is dropped
     finally:
         ckpt.set_rng_state(rng)
@@ -196,11 +196,11 @@ def available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def _fit_ram(model, train_model, rt, env, seq_len, per_rank, loss_kwargs) -> tuple[int, str]:
+def _fit_ram(model, train_model, rt, env, seq_len, per_rank) -> tuple[int, str]:
     import os
 
     # the raw model: a forward without backward must not leave DDP/FSDP expecting one
-    per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len, loss_kwargs) * BACKWARD_FACTOR)
+    per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len) * BACKWARD_FACTOR)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this RAM
     shard = env.world_size if distrib.is_fsdp(model) else 1
     param_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())

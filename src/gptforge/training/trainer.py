@@ -21,6 +21,7 @@ from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
 from gptforge.device import (Runtime, best_peak_tflops, choose_lm_head_loss, peak_tflops, seed_everything,
                              set_matmul_precision, synchronize)
 from gptforge.errors import GPTForgeError
+from gptforge.loss import HeadLoss, set_head_loss
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.metrics import Reporter
@@ -112,7 +113,7 @@ class Trainer:
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist, self.rt.precision,
                                         activation_checkpointing=cfg.run.activation_checkpointing)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
-        # The fused LM-head + loss (chunked: no (B, T, V) logits, see model.LinearCrossEntropy) or
+        # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy: chosen per device (device.choose_lm_head_loss), with
         # row chunks sized per device (cache-sized on CPUs, a handful of big ones on GPUs). Decided
         # before the micro-batch, whose trials must run the same path; with micro-batch auto the
@@ -121,13 +122,12 @@ class Trainer:
         self.fused_loss, self.loss_path = choose_lm_head_loss(
             cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size)
         self.loss_rows = self.rt.lm_head_chunks(gpt_config.padded_vocab_size)
-        self.loss_kwargs = dict(return_logits=not self.fused_loss, loss_rows=self.loss_rows[0],
-                                loss_block_rows=self.loss_rows[1])
+        set_head_loss(self.model, HeadLoss("fused" if self.fused_loss else "plain", *self.loss_rows))
         saved_micro = None
         if self.resume_from is not None:  # auto re-derives only if the world size changed
             saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
         self.micro = fit.choose(cfg, self.model, self.train_model, self.optimizer, self.rt, self.env, self.seq_len,
-                                loss_kwargs=self.loss_kwargs, saved=saved_micro)
+                                saved=saved_micro)
         cfg.resolved["micro_batch"] = self.micro.record()
         self.plan = BatchPlan.make(cfg.optim.batch_tokens, self.micro.size, self.seq_len, self.env.world_size)
         common = dict(batch_size=self.micro.size, seq_len=self.seq_len, rank=self.env.rank,
@@ -220,7 +220,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             last = micro == plan.grad_accum_steps - 1
             with distrib.no_sync(self.train_model, last), self.rt.autocast():
-                _, loss = self.train_model(x, y, **self.loss_kwargs)
+                _, loss = self.train_model(x, y)
                 loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
