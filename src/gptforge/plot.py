@@ -239,6 +239,23 @@ def _val_ppl(rows: list[dict]) -> list[dict]:
     return out
 
 
+def choose_panels(runs: list[RunMetrics]) -> tuple[list[tuple[str, str, str]], str]:
+    """(kind, metric, title) of each column, and the figure's note. Runs that used different
+    tokenizers are compared in val bits per byte only: their nats per token mean different things."""
+    tokenizers = sorted({run_tokenizer(r.config) for r in runs})
+    note = ""
+    if len(tokenizers) > 1:
+        panels = [("train", "loss", "train loss (nats/token, per tokenizer)"), ("val", "val_bpb", "val bits per byte")]
+        note = f"the runs used different tokenizers ({', '.join(tokenizers)}): validation in bits per UTF-8 byte"
+    else:
+        panels = [("train", "loss", "train loss"), ("val", "val_loss", "val loss"), ("val", "val_ppl", "val perplexity")]
+        if any(_number(r.get("val_bpb")) for run in runs for r in run.val):
+            panels.append(("val", "val_bpb", "val bits per byte"))
+    if any(r.hellaswag for r in runs):
+        panels.append(("hellaswag", "hellaswag_acc_norm", "HellaSwag acc_norm"))
+    return panels, note
+
+
 def plot_runs(
     run_dirs: list[str | Path],
     out_png: str | Path,
@@ -266,16 +283,7 @@ def plot_runs(
     from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
     xkeys = ["step", "tokens"] if x == "both" else [x]
-    tokenizers = sorted({run_tokenizer(r.config) for r in runs})
-    mixed = len(tokenizers) > 1
-    if mixed:  # nats per token are not comparable across tokenizers: bits per byte are
-        panels = [("train", "loss", "train loss (nats/token, per tokenizer)"), ("val", "val_bpb", "val bits per byte")]
-    else:
-        panels = [("train", "loss", "train loss"), ("val", "val_loss", "val loss"), ("val", "val_ppl", "val perplexity")]
-        if any(_number(r.get("val_bpb")) for run in runs for r in run.val):
-            panels.append(("val", "val_bpb", "val bits per byte"))
-    if any(r.hellaswag for r in runs):
-        panels.append(("hellaswag", "hellaswag_acc_norm", "HellaSwag acc_norm"))
+    panels, note = choose_panels(runs)
     fig = Figure(figsize=(4.6 * len(panels), 3.4 * len(xkeys) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(xkeys), len(panels), squeeze=False)
@@ -326,9 +334,8 @@ def plot_runs(
     if not handles:  # no train rows anywhere: take the val panel's
         handles, legend_labels = axes[0][1].get_legend_handles_labels()
     fig.legend(handles, legend_labels, loc="outside upper center", ncols=min(len(runs), 3), fontsize=9, frameon=False)
-    if mixed:
-        fig.suptitle(f"the runs used different tokenizers ({', '.join(tokenizers)}): validation in bits per UTF-8 byte",
-                     fontsize=10)
+    if note:
+        fig.suptitle(note, fontsize=10)
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=110)
