@@ -258,6 +258,8 @@ def test_damaged_or_foreign_tokenizer_files(tmp_path, tok_dir, data_dir, capsys)
     (data / "tokenizer" / tk.TOKENIZER_FILE).write_text(path.read_text())
     with pytest.raises(GPTForgeError, match=r"manifest.json says [0-9a-f]{64}"):
         shards.data_tokenizer(data)
+    with pytest.raises(GPTForgeError, match=r"verification failed: .*gptforge-tokenizer.json: sha256 is"):
+        shards.verify(data)  # gptforge prepare --verify
     # not a tokenizer at all
     (tmp_path / "hf.json").write_text((tok_dir / "tokenizer.json").read_text())
     with pytest.raises(GPTForgeError, match="a Hugging Face tokenizer.json, not a gptforge tokenizer"):
@@ -477,3 +479,16 @@ def test_bits_per_byte_equals_a_hand_computation(bpe_run, data_dir, tok):
                     nats, n_bytes = nats + loss, n_bytes + b
     assert got["bytes"] == n_bytes > 0
     assert got["bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+
+
+def test_hellaswag_with_a_trained_tokenizer(bpe_run, tok, tmp_path, capsys):
+    from gptforge.eval.hellaswag import render_example, Example
+
+    run, _ = bpe_run
+    ex = {"ctx": "def add(a, b):", "endings": ["return a + b", "日本語 🦙", "import os"], "label": 0}
+    (tmp_path / "hs.jsonl").write_text(json.dumps(ex) + "\n" + json.dumps({**ex, "ctx": ""}) + "\n")
+    tokens, mask = render_example(Example(ex["ctx"], ex["endings"], 0), tok, 64)
+    assert tokens[0, : int(mask[0].sum()) + len(tok.encode(ex["ctx"]))].tolist() == tok.encode(ex["ctx"]) + tok.encode(" return a + b")
+    assert tokens.max() < 512  # the model's vocabulary, not GPT-2's
+    assert cli.main(["eval", str(run), "--hellaswag", str(tmp_path / "hs.jsonl"), "--device", "cpu", "--no-progress"]) == 0
+    assert "on 2 examples" in capsys.readouterr().out

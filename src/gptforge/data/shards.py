@@ -290,6 +290,11 @@ def verify(data_dir: str | os.PathLike) -> dict:
             listed = [e.get(key) for e in body["shards"]]
             if key in body and all(isinstance(v, int) for v in listed) and body[key] != sum(listed):
                 problems.append(f"{data_dir / MANIFEST}: splits.{split}.{key} is {body[key]!r}, its shards add up to {sum(listed)}")
+    if "tokenizer_file" in manifest:  # the tokenizer stored with the data: its sha256, name and size
+        try:
+            data_tokenizer(data_dir, manifest)
+        except GPTForgeError as e:
+            problems.append(str(e))
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise GPTForgeError(f"{data_dir}: verification failed: " + "; ".join(problems[:5]) + more)
