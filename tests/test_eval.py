@@ -428,6 +428,7 @@ def test_eval_command_loss_over_data(tmp_path, monkeypatch, capsys):
         return FakeLoader(random_tokens(4 * 2 * 32 + 1, 128, seed=7), batch_size, seq_len)
 
     monkeypatch.setattr(eval_cmd, "make_loader", fake_make_loader)
+    monkeypatch.setattr(eval_cmd, "data_tokenizer", lambda data_dir: None)  # no real data dir: no bits per byte
     result = eval_cmd.evaluate(tmp_path / "ckpt", data="shards", batch_size=2, seq_len=32, device="cpu",
                                precision="fp32", progress=False, report=lambda s: None)
     assert made == dict(data_dir="shards", split="val", batch_size=2, seq_len=32, vocab_size=128)

@@ -143,3 +143,29 @@ def test_plot_command(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     assert cli.main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_runs_with_different_tokenizers_are_compared_in_bits_per_byte(tmp_path):
+    from gptforge.plot import choose_panels
+
+    dirs = []
+    for name, tok in (("a", "gpt2"), ("b", "bpe4096-0123456789ab")):
+        d = make_run(tmp_path / name, lr=6e-4, steps=40)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["resolved"] = {"tokenizer": {"name": tok, "vocab_size": 50257 if tok == "gpt2" else 4096}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            if "val_loss" in r:
+                r["val_bpb"] = r["val_loss"] / 2
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(d)
+    panels, note = choose_panels([read_metrics(d) for d in dirs])
+    assert [p[1] for p in panels] == ["loss", "val_bpb"]
+    assert "different tokenizers (bpe4096-0123456789ab, gpt2)" in note and "bits per UTF-8 byte" in note
+    panels, note = choose_panels([read_metrics(dirs[0])])  # one tokenizer: nats, and bpb beside them
+    assert [p[1] for p in panels] == ["loss", "val_loss", "val_ppl", "val_bpb"] and note == ""
+    old = make_run(tmp_path / "old", lr=3e-4, steps=40)  # before tokenizers were recorded: gpt2
+    assert choose_panels([read_metrics(dirs[0]), read_metrics(old)])[1] == ""
+    out = plot_runs(dirs, tmp_path / "mixed.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)

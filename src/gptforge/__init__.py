@@ -15,7 +15,8 @@ The Python API (nothing heavy is imported until a name is used)::
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "prepare", "__version__"]
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "load_tokenizer", "prepare",
+           "train_tokenizer", "__version__"]
 
 # name -> (module, attribute). No submodule is named like a top-level function (the trainer lives
 # in gptforge.training, sampling in gptforge.sampling): importing a submodule sets it as the
@@ -28,6 +29,7 @@ _LAZY = {
     "train": ("gptforge.training.trainer", "train"),
     "generate": ("gptforge.sampling", "generate"),
     "prepare": ("gptforge.data.prepare", "prepare"),
+    "train_tokenizer": ("gptforge.data.tokenizer_sample", "train_tokenizer"),
 }
 
 
@@ -53,3 +55,23 @@ def load(path, device: str = "cpu"):
     from gptforge.hf import load_pretrained, resolve_source
 
     return load_pretrained(resolve_source(path)).to(device).eval()
+
+
+def load_tokenizer(path="gpt2"):
+    """The tokenizer of a model or data, named once where it was made: "gpt2", a tokenizer
+    directory (gptforge tokenizer train), a prepared data directory, a checkpoint, a run directory
+    (its newest checkpoint) or a Hugging Face directory gptforge exported."""
+    from pathlib import Path
+
+    from gptforge.tokenizer import NAME, TOKENIZER_FILE, Tokenizer
+
+    p = Path(path)
+    if str(path) == NAME or p.is_file() or (p / TOKENIZER_FILE).is_file() and not (p / "config.json").is_file():
+        return Tokenizer.load(path)
+    if (p / "manifest.json").is_file():
+        from gptforge.data.shards import data_tokenizer
+
+        return data_tokenizer(p)
+    from gptforge.hf import tokenizer_of
+
+    return tokenizer_of(p)

@@ -10,6 +10,12 @@ the files it uses against it: `read_config` (the first step of every reader: loa
 `GPT.from_pretrained` / hf.py) checks config.json and model.safetensors, `load_state_checked` the
 weights, train/checkpoint.py's `load_train_state` state.pt. A directory written before the sums
 existed loads with a note.
+
+The tokenizer travels with the weights: config.json's `tokenizer` names it (name, vocabulary
+size, and for a trained one the sha256 of its file), and a trained tokenizer's
+gptforge-tokenizer.json is written beside the weights (so SHA256SUMS covers it too).
+`model_tokenizer` reads it back; a directory with no record (written before tokenizers were
+recorded) is GPT-2's when its vocabulary is 50257.
 """
 
 from __future__ import annotations
@@ -124,15 +130,54 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
 
 
-def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None) -> None:
-    """Write model.safetensors + config.json into an existing directory (callers make it atomic)."""
+def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None,
+                      tokenizer=None) -> None:
+    """Write model.safetensors + config.json (+ the tokenizer: its record in config.json, a trained
+    one's file beside them) into an existing directory (callers make it atomic)."""
     directory = Path(directory)
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})  # one key: byte-reproducible
     meta = {"gptforge_version": __version__, "model": config.to_dict(), **(extra or {})}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer.identity()
+        if tokenizer.trained:
+            from gptforge.tokenizer import TOKENIZER_FILE
+
+            (directory / TOKENIZER_FILE).write_bytes(tokenizer.file_bytes())
     (directory / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def save_model(model: GPT, directory: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+def model_tokenizer(directory: str | Path, meta: dict | None = None, required: bool = True):
+    """The tokenizer of a model directory (see the module doc), checked against SHA256SUMS and
+    config.json's record. Not required: None for a directory that names none (a model saved with
+    no tokenizer whose vocabulary is not GPT-2's)."""
+    from gptforge import tokenizer as tk
+
+    directory = Path(directory)
+    meta = meta if meta is not None else read_config(directory)
+    record = meta.get("tokenizer")
+    if record is None and isinstance(meta.get("train"), dict):  # a training checkpoint of an older gptforge
+        record = (meta["train"].get("resolved") or {}).get("tokenizer")
+    vocab = (meta.get("model") or {}).get("vocab_size")
+    if record is None:
+        if vocab == tk.N_VOCAB:
+            return tk.Tokenizer()
+        if not required:
+            return None
+        raise GPTForgeError(f"{directory / CONFIG}: names no tokenizer, and its vocabulary ({vocab}) is not GPT-2's")
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise GPTForgeError(f"{directory / CONFIG}: field 'tokenizer' must be an object with a name, got {record!r:.80}")
+    if record["name"] == tk.NAME:
+        return tk.Tokenizer()
+    path = directory / tk.TOKENIZER_FILE
+    verify_files(directory, (tk.TOKENIZER_FILE,))
+    tok = tk.Tokenizer.load(path, sha256=record.get("sha256"), where=str(directory / CONFIG))
+    if tok.name != record["name"]:
+        raise GPTForgeError(f"{path}: is tokenizer {tok.name}, but {directory / CONFIG} names {record['name']}")
+    return tok
+
+
+def save_model(model: GPT, directory: str | Path, extra: dict | None = None, overwrite: bool = False,
+               tokenizer=None) -> Path:
     """Save atomically: the directory appears complete or not at all."""
     directory = Path(directory)
     if directory.exists():
@@ -143,7 +188,7 @@ def save_model(model: GPT, directory: str | Path, extra: dict | None = None, ove
         directory.rename(old)
         try:
             with atomic_dir(directory) as tmp:
-                write_model_files(tmp, model_state_for_saving(model), model.config, extra)
+                write_model_files(tmp, model_state_for_saving(model), model.config, extra, tokenizer)
                 write_sums(tmp)
         except BaseException:
             old.rename(directory)
@@ -151,7 +196,7 @@ def save_model(model: GPT, directory: str | Path, extra: dict | None = None, ove
         shutil.rmtree(old, ignore_errors=True)
         return directory
     with atomic_dir(directory) as tmp:
-        write_model_files(tmp, model_state_for_saving(model), model.config, extra)
+        write_model_files(tmp, model_state_for_saving(model), model.config, extra, tokenizer)
         write_sums(tmp)
     return directory
 

@@ -10,7 +10,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "prepare": ("prepare", "tokenize text into uint16 token shards"),
+    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on your corpus"),
+    "prepare": ("prepare", "tokenize text into token shards (GPT-2's BPE or a trained one)"),
     "train": ("train", "train a GPT (no arguments: the tiny model on the embedded corpus)"),
     "sample": ("sample", "generate text from a checkpoint"),
     "eval": ("evaluate", "validation loss / perplexity, HellaSwag"),

@@ -61,6 +61,7 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     dir: str = arg("", "directory of prepared shards; empty = the embedded python-stdlib corpus (prepared on first use)")
+    tokenizer: str = arg("gpt2", "the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with")
     seq_len: int = arg(0, "tokens per sequence T; 0 = the model's block_size")
     order: str = arg("shuffle", "shuffle (seeded permutation of windows each epoch) | sequential")
     prefetch: int = arg(2, "batches prepared ahead in a background thread (0 = off)")
@@ -101,6 +102,7 @@ class RunArgs:
     eval_tokens: int = arg(32768, "validation tokens per pass (0 = the whole split)")
     sample_every: int = arg(0, "steps between short samples (0 = with every evaluation, and at the end)")
     sample_tokens: int = arg(64, "tokens in each sample (0 = no samples, mid-run or at the end)")
+    sample_prompt: str = arg("\n", "the text the samples continue")
     ckpt_every: int = arg(20, "steps between checkpoints (0 = only at the end)")
     keep_last: int = arg(3, "checkpoints kept")
     log_every: int = arg(1, "steps between metrics rows")
@@ -329,6 +331,9 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.fused must be auto, on or off, got {o.fused!r}")
     if o.spike_k <= 0 or o.spike_window < 2 or o.spike_max_skips < 1 or not 0 < o.spike_lr_factor <= 1:
         p.append("optim.spike_k > 0, optim.spike_window >= 2, optim.spike_max_skips >= 1, optim.spike_lr_factor in (0, 1]")
+    if d.tokenizer != "gpt2" and not (d.tokenizer.startswith("train:") and d.tokenizer[6:].isdigit()
+                                      and 257 <= int(d.tokenizer[6:]) <= 1 << 32):
+        p.append(f"data.tokenizer must be gpt2 or train:N with N from 257 to 4,294,967,296, got {d.tokenizer!r}")
     if d.order not in ("shuffle", "sequential"):
         p.append(f"data.order must be shuffle or sequential, got {d.order!r}")
     if r.precision not in PRECISIONS + ("auto",):

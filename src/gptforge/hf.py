@@ -264,6 +264,24 @@ def source_config(source: str | os.PathLike) -> GPTConfig:
     return config_from_hf(meta, str(path / "config.json"))
 
 
+def tokenizer_of(source: str | os.PathLike):
+    """The tokenizer of the model at `source` (as `load_pretrained` locates it): a gptforge
+    checkpoint's own (checkpoint.model_tokenizer); in a Hugging Face directory, the
+    gptforge-tokenizer.json an export wrote beside it, else GPT-2's for a 50257-token vocabulary."""
+    from gptforge import tokenizer as tk
+
+    path = locate(source)
+    meta = _read_meta(path)
+    if isinstance(meta.get("model"), dict):
+        return checkpoint.model_tokenizer(path, checkpoint.read_config(path))
+    if (path / tk.TOKENIZER_FILE).is_file():
+        return tk.Tokenizer.load(path / tk.TOKENIZER_FILE)
+    if meta.get("vocab_size") == tk.N_VOCAB:
+        return tk.Tokenizer()
+    raise GPTForgeError(f"{path}: no {tk.TOKENIZER_FILE}, and its vocabulary ({meta.get('vocab_size')}) is not "
+                        "GPT-2's: which tokenizer its ids mean is unknown")
+
+
 def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
     """A GPT from a gptforge checkpoint directory, a run directory (its newest checkpoint), a local
     Hugging Face GPT-2 directory, or a hub name (gpt2 ... gpt2-xl, needs network). Overrides:
@@ -295,8 +313,8 @@ def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
 # writing
 
 
-def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json of a transformers GPT2LMHeadModel with this architecture."""
+def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32, eot_id: int = EOT_ID) -> dict:
+    """config.json of a transformers GPT2LMHeadModel with this architecture (<|endoftext|> = eot_id)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -318,8 +336,8 @@ def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
         "use_cache": True,
-        "bos_token_id": EOT_ID,
-        "eos_token_id": EOT_ID,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
         "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -367,11 +385,27 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+              tokenizer=None) -> Path:
     """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer`
-    load offline: config.json, model.safetensors, generation_config.json and tokenizer files
-    (those only for the GPT-2 vocabulary of 50257). Atomic: OUT appears complete or not at all."""
-    model = model_or_ckpt_dir if isinstance(model_or_ckpt_dir, GPT) else load_pretrained(model_or_ckpt_dir)
+    load offline: config.json, model.safetensors, generation_config.json and the model's
+    tokenizer: GPT-2's files, or a trained tokenizer's tokenizer.json (the same ids as gptforge)
+    with its gptforge-tokenizer.json (so gptforge reads the export back with it). The tokenizer is
+    the checkpoint's; for a GPT given directly, `tokenizer` (default: GPT-2's for its 50257-token
+    vocabulary). Atomic: OUT appears complete or not at all."""
+    from gptforge import tokenizer as tk
+
+    if isinstance(model_or_ckpt_dir, GPT):
+        model = model_or_ckpt_dir
+        if tokenizer is None and model.config.vocab_size == tk.N_VOCAB:
+            tokenizer = tk.Tokenizer()
+    else:
+        model = load_pretrained(model_or_ckpt_dir)
+        tokenizer = tokenizer or tokenizer_of(model_or_ckpt_dir)
+    if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
+        raise GPTForgeError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, the model's vocabulary "
+                            f"{model.config.vocab_size}: they do not belong together")
+    eot = tokenizer.eot_id if tokenizer is not None else EOT_ID
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
@@ -381,9 +415,13 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(c, dtype))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID})
-        if c.vocab_size == 50257:
+        _write_json(tmp / "config.json", hf_config(c, dtype, eot))
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+        if tokenizer is not None and tokenizer.trained:
+            for name, data in tokenizer.hf_files(c.block_size).items():
+                (tmp / name).write_bytes(data)
+            (tmp / tk.TOKENIZER_FILE).write_bytes(tokenizer.file_bytes())
+        elif tokenizer is not None:
             write_tokenizer_files(tmp, c.block_size)
 
     if not out.exists():

@@ -1,7 +1,9 @@
 """Runs -> one PNG: train loss, val loss and val perplexity against steps and tokens seen.
 
-Layout: one column per metric (train loss | val loss | val perplexity, plus HellaSwag acc_norm
-when any run logged it) and one row per x axis. By default both rows are drawn (2 x 3): steps
+Layout: one column per metric (train loss | val loss | val perplexity, plus val bits per byte
+and HellaSwag acc_norm when any run logged them) and one row per x axis. When the runs used
+different tokenizers (config.json's resolved.tokenizer), nats per token mean different things
+for each: the val columns are then bits per byte alone, and the figure says so. By default both rows are drawn (2 x 3): steps
 are what the logs and checkpoints are named by, tokens seen is the fair axis when runs differ in
 batch size. `x="step"` or `x="tokens"` draws one row (1 x 3) when only one of them matters.
 
@@ -109,6 +111,12 @@ def read_metrics(run_dir: str | Path) -> RunMetrics:
     if not (metrics.train or metrics.val):
         raise GPTForgeError(f"{run_dir}: {METRICS} has no train or validation loss rows yet")
     return metrics
+
+
+def run_tokenizer(config: dict | None) -> str:
+    """The name of the tokenizer a run used (runs from before tokenizers were recorded: gpt2)."""
+    record = ((config or {}).get("resolved") or {}).get("tokenizer")
+    return record.get("name", "gpt2") if isinstance(record, dict) else "gpt2"
 
 
 def _read_config(run_dir: Path) -> dict | None:
@@ -231,6 +239,23 @@ def _val_ppl(rows: list[dict]) -> list[dict]:
     return out
 
 
+def choose_panels(runs: list[RunMetrics]) -> tuple[list[tuple[str, str, str]], str]:
+    """(kind, metric, title) of each column, and the figure's note. Runs that used different
+    tokenizers are compared in val bits per byte only: their nats per token mean different things."""
+    tokenizers = sorted({run_tokenizer(r.config) for r in runs})
+    note = ""
+    if len(tokenizers) > 1:
+        panels = [("train", "loss", "train loss (nats/token, per tokenizer)"), ("val", "val_bpb", "val bits per byte")]
+        note = f"the runs used different tokenizers ({', '.join(tokenizers)}): validation in bits per UTF-8 byte"
+    else:
+        panels = [("train", "loss", "train loss"), ("val", "val_loss", "val loss"), ("val", "val_ppl", "val perplexity")]
+        if any(_number(r.get("val_bpb")) for run in runs for r in run.val):
+            panels.append(("val", "val_bpb", "val bits per byte"))
+    if any(r.hellaswag for r in runs):
+        panels.append(("hellaswag", "hellaswag_acc_norm", "HellaSwag acc_norm"))
+    return panels, note
+
+
 def plot_runs(
     run_dirs: list[str | Path],
     out_png: str | Path,
@@ -258,9 +283,7 @@ def plot_runs(
     from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
     xkeys = ["step", "tokens"] if x == "both" else [x]
-    panels = [("train", "loss", "train loss"), ("val", "val_loss", "val loss"), ("val", "val_ppl", "val perplexity")]
-    if any(r.hellaswag for r in runs):
-        panels.append(("hellaswag", "hellaswag_acc_norm", "HellaSwag acc_norm"))
+    panels, note = choose_panels(runs)
     fig = Figure(figsize=(4.6 * len(panels), 3.4 * len(xkeys) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(xkeys), len(panels), squeeze=False)
@@ -311,6 +334,8 @@ def plot_runs(
     if not handles:  # no train rows anywhere: take the val panel's
         handles, legend_labels = axes[0][1].get_legend_handles_labels()
     fig.legend(handles, legend_labels, loc="outside upper center", ncols=min(len(runs), 3), fontsize=9, frameon=False)
+    if note:
+        fig.suptitle(note, fontsize=10)
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=110)

@@ -29,6 +29,13 @@ def make_loader(data_dir: str, split: str, batch_size: int, seq_len: int, device
     )
 
 
+def data_tokenizer(data_dir: str):
+    """The tokenizer the data was prepared with. (A function so that tests can replace it.)"""
+    from gptforge.data.shards import data_tokenizer as of_data
+
+    return of_data(data_dir)
+
+
 def evaluate(
     ckpt: str | Path,
     data: str | None = None,
@@ -77,7 +84,7 @@ def evaluate(
 
 def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples, device, precision,
               progress, report, env) -> dict:
-    from gptforge.checkpoint import load_model
+    from gptforge.checkpoint import load_model, model_tokenizer
     from gptforge.device import Runtime
     from gptforge.training import distributed as distrib
 
@@ -85,29 +92,39 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
     runtime = Runtime.make(device, precision)
     distrib.init(env, runtime.device)
     model = load_model(ckpt_dir).to(runtime.device)
+    tok = model_tokenizer(ckpt_dir, required=False)  # None: saved with none, and not GPT-2's vocabulary
     cfg = model.config
     T = seq_len or cfg.block_size
     if T > cfg.block_size:
         raise GPTForgeError(f"--seq-len {T} exceeds the model's block_size {cfg.block_size}")
     report(
         f"checkpoint {ckpt_dir}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
-        f"block_size {cfg.block_size}; {runtime.device} {runtime.precision}"
+        f"block_size {cfg.block_size}; tokenizer {tok.name if tok else 'not recorded'}; {runtime.device} {runtime.precision}"
     )
     result: dict = {"checkpoint": str(ckpt_dir), "val": None, "hellaswag": None}
 
     if data:
         from gptforge.eval.perplexity import evaluate_loss
+        from gptforge.tokenizer import check_match
 
+        data_tok = data_tokenizer(data)
+        if tok is not None and data_tok is not None:
+            check_match(tok.identity(), f"checkpoint {ckpt_dir}", data_tok.identity(), f"data {data}")
         loader = make_loader(data, split, batch_size, T, runtime.device, cfg.vocab_size, env.rank, env.world_size)
-        val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress)
+        val = evaluate_loss(model, loader, runtime, max_tokens=max_tokens, progress=progress,
+                            token_bytes=None if data_tok is None else data_tok.token_bytes())
         result["val"] = val
-        report(f"{split} loss {val['loss']:.4f}  perplexity {val['ppl']:.2f}  ({val['tokens']:,} tokens)")
+        bpb = f"  bits per byte {val['bpb']:.4f}" if "bpb" in val else ""
+        report(f"{split} loss {val['loss']:.4f} nats/token  perplexity {val['ppl']:.2f}{bpb}  ({val['tokens']:,} tokens"
+               + (f", {val['bytes']:,} bytes)" if "bytes" in val else ")"))
 
     if hellaswag is not None:
         from gptforge.eval.hellaswag import N_VAL, download_hellaswag, evaluate_hellaswag, format_reference
 
+        if tok is None:
+            raise GPTForgeError(f"{ckpt_dir}: HellaSwag needs the model's tokenizer, and the checkpoint names none")
         path = Path(hellaswag) if hellaswag else download_hellaswag()
-        hs = evaluate_hellaswag(model, path, runtime, max_examples=max_examples, progress=progress)
+        hs = evaluate_hellaswag(model, path, runtime, max_examples=max_examples, progress=progress, tokenizer=tok)
         result["hellaswag"] = hs
         partial = "" if hs["n"] >= N_VAL else f" (a subset: scores on {hs['n']} examples are noisy)"
         report(f"hellaswag acc {hs['acc']:.4f}  acc_norm {hs['acc_norm']:.4f}  on {hs['n']} examples{partial}")

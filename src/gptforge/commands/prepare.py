@@ -12,6 +12,11 @@ sources (mixable): files and directories (.txt .md .jsonl .parquet .txt.gz .md.g
 directories recursively, in sorted order), hf:NAME[:CONFIG] (a Hugging Face dataset, streamed),
 python-stdlib (the .py files of this Python's standard library).
 
+tokenizers: --tokenizer gpt2 (GPT-2's BPE, the default); DIR (a tokenizer made by `gptforge
+tokenizer train`, or a prepared data directory whose tokenizer to reuse); train:N (train an N-id
+byte-level BPE on these sources first, into OUT/tokenizer/). A trained tokenizer is stored with
+the data; train, sample, eval and export take it from there. Over 65,536 ids, shards are uint32.
+
 Re-running the same command after an interruption continues where it stopped; the result is
 byte-identical to an uninterrupted run. The validation split is the first whole documents:
 --val-tokens, or by default 0.5% of all tokens capped at 10M.
@@ -29,12 +34,16 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gptforge prepare",
-        description="Tokenize text into GPT-2 token shards (uint16 .npy) plus manifest.json.",
+        description="Tokenize text into token shards (.npy) plus manifest.json.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="files, directories, hf:NAME[:CONFIG] or python-stdlib")
     p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--tokenizer", default="gpt2", metavar="T", help="gpt2 (default) | DIR | train:N (see below)")
+    p.add_argument("--tokenizer-max-chars", type=_count, default=None, metavar="N",
+                   help="train:N: characters to learn from, spread over the corpus (default 2_000_000_000)")
+    p.add_argument("--tokenizer-pattern", default=None, metavar="P", help="train:N: pre-tokenizer regex gpt2 | gpt4 | nanochat")
     p.add_argument("--workers", type=_count, default=None, metavar="N", help="tokenizer processes (default: all cores)")
     p.add_argument("--shard-tokens", type=_count, default=None, metavar="N", help="tokens per shard (default 100_000_000)")
     p.add_argument("--val-tokens", type=_count, default=None, metavar="N", help="validation tokens (default: 0.5%% of all, at most 10M)")
@@ -77,6 +86,9 @@ def main(argv: list[str]) -> int:
         strict=args.strict,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
+        tokenizer_max_chars=args.tokenizer_max_chars,
+        tokenizer_pattern=args.tokenizer_pattern,
     )
     dt = time.perf_counter() - t0
     splits = manifest["splits"]
@@ -84,5 +96,5 @@ def main(argv: list[str]) -> int:
     parts = [f"{name}: {body['num_tokens']:,} tokens, {body['num_documents']:,} documents, {len(body['shards'])} shards"
              for name, body in sorted(splits.items(), key=lambda kv: kv[0] != "val") if body["shards"]]
     skipped = f", {docs['files_skipped']} files skipped" if docs.get("files_skipped") else ""
-    print(f"{args.out}: " + "; ".join(parts) + f"{skipped} ({dt:.1f}s)")
+    print(f"{args.out}: " + "; ".join(parts) + f"{skipped} ({dt:.1f}s, tokenizer {manifest['tokenizer']})")
     return 0

@@ -50,8 +50,7 @@ def sample(
 ) -> list[list[int]]:
     """Stream num_samples continuations of `prompt` to `out` (stdout); return their token ids."""
     from gptforge import sampling as gen
-    from gptforge.hf import load_pretrained, resolve_source
-    from gptforge.tokenizer import Tokenizer
+    from gptforge.hf import load_pretrained, resolve_source, tokenizer_of
 
     out = out or sys.stdout
     gen.validate(max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -59,8 +58,8 @@ def sample(
     path = resolve_source(ckpt)
     model = load_pretrained(path).to(runtime.device)
     print(f"gptforge sample: {path} ({model.num_params() / 1e6:.1f}M parameters) on {runtime.device}, {runtime.precision}", file=sys.stderr)
-    tok = Tokenizer()
-    prompt_ids = tok.encode(prompt, allow_eot=True)
+    tok = tokenizer_of(path)  # the model's own: GPT-2's, or the one it was trained with
+    prompt_ids = tok.encode(prompt, allow_eot=True) or [tok.eot_id]
     results = []
     for i in range(num_samples):
         if i:

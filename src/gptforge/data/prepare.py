@@ -1,10 +1,18 @@
-"""Documents -> GPT-2 tokens in many processes -> fixed-size shards; resumable after kill -9.
+"""Documents -> tokens in many processes -> fixed-size shards; resumable after kill -9.
+
+The tokenizer (`tokenizer`): "gpt2" (GPT-2's BPE, the default), a trained tokenizer (its
+directory, or a prepared data directory whose tokenizer to reuse), or "train:N": first train an
+N-id byte-level BPE on a sample of the same sources (data/tokenizer_sample.py). A trained
+tokenizer is stored with the data, in `DIR/tokenizer/` (a tokenizer directory), and the manifest
+names it and the sha256 of its gptforge-tokenizer.json; its vocabulary sets the shard dtype
+(uint16 up to 65,536 ids, else uint32).
 
 Two stages, each made of atomically written files, so an interrupted run is continued by running
 the same command again and ends byte-identical to an uninterrupted one:
 
 1. tokenize: documents (sources.py) go in chunks to `workers` processes (ordered, a bounded number
-   in flight), each document as [EOT] + encode_ordinary(text). The token stream is cut at document
+   in flight), each document as [EOT] + encode_ordinary(text). (With train:N the tokenizer is
+   trained first, into `DIR/tokenizer/`, written atomically: a re-run finds it there.) The token stream is cut at document
    boundaries into parts `.parts/part_{i:06d}.npy` of about min(shard_tokens, 16M) tokens. On a
    re-run, finished parts are kept and their documents (counted by their EOT tokens) are read
    but not tokenized again. When all parts exist, `.parts/layout.json` records their sizes, the
@@ -57,6 +65,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptforge import tokenizer
+from gptforge import tokenizer as tokenizer_mod  # `prepare` has a parameter named tokenizer
 from gptforge.data import shards
 from gptforge.data import sources as _src
 from gptforge.errors import GPTForgeError
@@ -109,21 +118,33 @@ def default_val_tokens(total_tokens: int) -> int:
     return min(VAL_CAP, max(math.ceil(total_tokens * VAL_FRACTION), small))
 
 
-def ensure_default_corpus(workers: int | None = None, progress: bool = True) -> Path:
-    """Prepare `python-stdlib` into <cache>/data/python-stdlib unless already complete; return it."""
-    out = default_cache_dir() / "data" / _src.STDLIB
+def ensure_default_corpus(workers: int | None = None, progress: bool = True, tokenizer: str = "gpt2") -> Path:
+    """Prepare `python-stdlib` into <cache>/data/python-stdlib (GPT-2's BPE) or, for tokenizer
+    "train:N", <cache>/data/python-stdlib-trainN (its own N-id BPE, trained on it first), unless
+    already complete; return it."""
+    name = _src.STDLIB if tokenizer == "gpt2" else f"{_src.STDLIB}-{tokenizer.replace(':', '')}"
+    out = default_cache_dir() / "data" / name
     try:
-        prepare([_src.STDLIB], out, workers=workers, progress=progress)
+        prepare([_src.STDLIB], out, workers=workers, progress=progress, tokenizer=tokenizer)
     except OptionsMismatch:  # another Python (another stdlib) prepared it: redo it for this one
-        prepare([_src.STDLIB], out, workers=workers, progress=progress, overwrite=True)
+        prepare([_src.STDLIB], out, workers=workers, progress=progress, tokenizer=tokenizer, overwrite=True)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # tokenization (runs in the worker processes, or inline with workers=1)
 
-_DTYPE = shards.token_dtype(tokenizer.N_VOCAB)
-_EOT = np.array([tokenizer.EOT_ID], dtype=np.uint32)
+TOKENIZER_DIR = "tokenizer"  # a trained tokenizer's directory inside the data directory
+TRAIN_PREFIX = "train:"
+_CODEC: tuple[str | None, str | None] = (None, None)  # (tokenizer spec, sha256) of this process's encoding
+
+
+def _eot(options: dict) -> int:
+    return options["vocab_size"] - 1  # GPT-2's <|endoftext|> and a trained tokenizer's are the last id
+
+
+def _dtype(options: dict) -> np.dtype:
+    return shards.token_dtype(options["vocab_size"])
 
 
 def _encode(enc, text: str) -> np.ndarray:
@@ -136,13 +157,14 @@ def _encode(enc, text: str) -> np.ndarray:
 
 
 def encode_documents(texts: list[str]) -> np.ndarray:
-    """[EOT] + tokens of each text, concatenated, in the shard dtype."""
-    enc = tokenizer.get_encoding()
+    """[EOT] + tokens of each text, concatenated, in the shard dtype (this process's tokenizer)."""
+    tok = tokenizer.get(*_CODEC)
+    dtype, eot = shards.token_dtype(tok.vocab_size), np.array([tok.eot_id], dtype=np.uint32)
     pieces = []
     for text in texts:
-        pieces.append(_EOT)
-        pieces.append(_encode(enc, text))
-    return np.concatenate(pieces).astype(_DTYPE) if pieces else np.empty(0, _DTYPE)
+        pieces.append(eot)
+        pieces.append(_encode(tok.enc, text))
+    return np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype)
 
 
 def _watch_parent(parent: int) -> None:
@@ -152,10 +174,12 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _init_worker(parent: int) -> None:
+def _init_worker(parent: int, codec: tuple[str | None, str | None]) -> None:
+    global _CODEC
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    tokenizer.get_encoding()
+    _CODEC = codec
+    tokenizer.get(*codec)
 
 
 def _bar_interval() -> float:
@@ -192,8 +216,8 @@ def _worker_pool(workers: int):
     method = "fork" if "fork" in mp.get_all_start_methods() and not others else "spawn"
     ctx = mp.get_context(method)
     if method == "fork":
-        tokenizer.get_encoding()  # built once here, shared with the children
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as ex:
+        tokenizer.get(*_CODEC)  # built once here, shared with the children
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), _CODEC)) as ex:
         if method == "fork":
             ex.submit(int).result()  # fork every worker now, before any thread of ours starts
         yield ex
@@ -259,7 +283,8 @@ def _same_options(old: dict | None, new: dict) -> bool:
     return {k: v for k, v in old.items() if k != "sources"} == {k: v for k, v in new.items() if k != "sources"}
 
 
-def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, split, strict, out: Path) -> dict:
+def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, split, strict, out: Path,
+             tok_spec: dict) -> dict:
     return {
         "sources": [_portable_spec(s, out) for s in srcs],
         "inputs_sha256": _src.fingerprint(srcs),
@@ -268,8 +293,7 @@ def _options(srcs: list[_src.Source], *, shard_tokens, val_tokens, text_field, s
         "strict": strict,
         "shard_tokens": shard_tokens,
         "val_tokens": "auto" if val_tokens is None else val_tokens,
-        "tokenizer": tokenizer.NAME,
-        "vocab_size": tokenizer.N_VOCAB,
+        **tok_spec,  # gpt2: {"tokenizer": "gpt2", "vocab_size": 50257}, as before trained tokenizers
     }
 
 
@@ -320,6 +344,7 @@ def _clear(out: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
     shutil.rmtree(out / PARTS, ignore_errors=True)
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     remove_stale_tmp(out)
 
 
@@ -365,8 +390,8 @@ def _part_path(parts: Path, i: int) -> Path:
     return parts / f"part_{i:06d}.npy"
 
 
-def _count_eot(arr: np.ndarray, block: int = 1 << 24) -> int:
-    return sum(int(np.count_nonzero(arr[i : i + block] == tokenizer.EOT_ID)) for i in range(0, arr.shape[0], block))
+def _count_eot(arr: np.ndarray, eot: int, block: int = 1 << 24) -> int:
+    return sum(int(np.count_nonzero(arr[i : i + block] == eot)) for i in range(0, arr.shape[0], block))
 
 
 def _load_part(parts: Path, i: int) -> np.ndarray:
@@ -380,12 +405,13 @@ def _load_part(parts: Path, i: int) -> np.ndarray:
 def _tokenize(srcs, parts: Path, options: dict, workers: int, progress: bool) -> dict:
     parts.mkdir(exist_ok=True)
     part_tokens = min(options["shard_tokens"], MAX_PART_TOKENS)
+    eot, dtype = _eot(options), _dtype(options)
     sizes: list[int] = []
     done_docs = 0
     while _part_path(parts, len(sizes)).exists():  # parts are written in order, each atomically
         arr = _load_part(parts, len(sizes))
         sizes.append(int(arr.shape[0]))
-        done_docs += _count_eot(arr)
+        done_docs += _count_eot(arr, eot)
         del arr
     stats = _src.SourceStats()
     docs = _src.iter_documents(
@@ -412,9 +438,9 @@ def _tokenize(srcs, parts: Path, options: dict, workers: int, progress: bool) ->
             tokens += arr.size
             while buffered >= part_tokens:  # cut at the first document start at/after part_tokens
                 cat = np.concatenate(buffer)
-                hits = np.flatnonzero(cat[part_tokens:] == tokenizer.EOT_ID)
+                hits = np.flatnonzero(cat[part_tokens:] == eot)
                 cut = part_tokens + int(hits[0]) if hits.size else cat.size
-                shards.write_shard(_part_path(parts, len(sizes)), [cat[:cut]], cut, _DTYPE, tokenizer.EOT_ID)
+                shards.write_shard(_part_path(parts, len(sizes)), [cat[:cut]], cut, dtype, eot)
                 sizes.append(cut)
                 buffer = [cat[cut:]] if cut < cat.size else []
                 buffered = cat.size - cut
@@ -425,7 +451,7 @@ def _tokenize(srcs, parts: Path, options: dict, workers: int, progress: bool) ->
                 bar.set_postfix_str(f"{tokens / 1e6:.2f}M tokens, {tokens / (now - t0) / 1e6:.2f}M tok/s", refresh=False)
         if buffered:
             cat = np.concatenate(buffer)
-            shards.write_shard(_part_path(parts, len(sizes)), [cat], cat.size, _DTYPE, tokenizer.EOT_ID)
+            shards.write_shard(_part_path(parts, len(sizes)), [cat], cat.size, dtype, eot)
             sizes.append(int(cat.size))
         bar.set_postfix_str(f"{tokens / 1e6:.2f}M tokens, {tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s")
     if stats.documents == 0:
@@ -453,7 +479,7 @@ def _val_boundary(parts: Path, sizes: list[int], options: dict, n_docs: int) -> 
     else:
         docs_before = 0
         for i, n in enumerate(sizes):
-            starts = np.flatnonzero(_load_part(parts, i) == tokenizer.EOT_ID) + offset
+            starts = np.flatnonzero(_load_part(parts, i) == _eot(options)) + offset
             if starts.size:
                 last_start = int(starts[-1])
             after = np.flatnonzero(starts >= target)
@@ -472,17 +498,17 @@ def _val_boundary(parts: Path, sizes: list[int], options: dict, n_docs: int) -> 
     if not explicit and target >= VAL_CUT_MIN and not target <= end <= 2 * target:
         # whole documents cannot make a split near the target (one long document, as
         # tinyshakespeare's input.txt, or a first document far longer than it): cut inside one
-        end, val_docs = target, _documents_before(parts, sizes, target)
+        end, val_docs = target, _documents_before(parts, sizes, target, _eot(options))
     return {"val_end": end, "val_documents": val_docs, "val_target": target, "total_tokens": total, "documents": n_docs}
 
 
-def _documents_before(parts: Path, sizes: list[int], end: int) -> int:
+def _documents_before(parts: Path, sizes: list[int], end: int, eot: int) -> int:
     """Documents that begin before token `end` (EOT tokens in [0, end))."""
     count, offset = 0, 0
     for i, n in enumerate(sizes):
         if offset >= end:
             break
-        count += int(np.count_nonzero(_load_part(parts, i)[: end - offset] == tokenizer.EOT_ID))
+        count += int(np.count_nonzero(_load_part(parts, i)[: end - offset] == eot))
         offset += n
     return count
 
@@ -505,8 +531,9 @@ def _blocks(parts: Path, starts: np.ndarray, sizes: list[int], a: int, b: int) -
         i += 1
 
 
-def _cut(out: Path, parts: Path, layout: dict, options: dict, progress: bool) -> dict:
+def _cut(out: Path, parts: Path, layout: dict, options: dict, tok: tokenizer.Tokenizer, progress: bool) -> dict:
     sizes = layout["parts"]
+    eot, dtype = _eot(options), _dtype(options)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     total, vb, n = int(starts[-1]), layout["val_end"], options["shard_tokens"]
     plan = [
@@ -520,11 +547,11 @@ def _cut(out: Path, parts: Path, layout: dict, options: dict, progress: bool) ->
         for split, i, a, b in plan:
             path = out / shards.shard_name(split, i)
             if path.exists():  # written (atomically) before an interruption
-                entry = shards.shard_entry(path, tokenizer.EOT_ID)
+                entry = shards.shard_entry(path, eot)
                 if entry["num_tokens"] != b - a:
                     raise GPTForgeError(f"{path}: {entry['num_tokens']} tokens, expected {b - a}; pass --overwrite to start again")
             else:
-                entry = shards.write_shard(path, _blocks(parts, starts, sizes, a, b), b - a, _DTYPE, tokenizer.EOT_ID)
+                entry = shards.write_shard(path, _blocks(parts, starts, sizes, a, b), b - a, dtype, eot)
             entries[split].append(entry)
             bar.update(b - a)
             for j in range(len(sizes)):  # parts every remaining shard lies beyond
@@ -533,13 +560,18 @@ def _cut(out: Path, parts: Path, layout: dict, options: dict, progress: bool) ->
                         _part_path(parts, j).unlink()
     st = layout["stats"]
     val_docs = layout["val_documents"]
+    named = {}
+    if tok.trained:  # stored with the data: the manifest names the file and its sha256
+        named = {"tokenizer_file": f"{TOKENIZER_DIR}/{tokenizer.TOKENIZER_FILE}", "tokenizer_sha256": tok.file_sha256,
+                 "tokenizer_pattern": tok.pattern_name}
     return {
         "format": shards.FORMAT,
         "version": shards.VERSION,
-        "tokenizer": tokenizer.NAME,
-        "vocab_size": tokenizer.N_VOCAB,
-        "eot_id": tokenizer.EOT_ID,
-        "dtype": _DTYPE.name,
+        "tokenizer": tok.name,
+        **named,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
         "shard_tokens": n,
         "splits": {
             "val": {"num_tokens": vb, "num_documents": val_docs, "shards": entries["val"]},
@@ -554,6 +586,51 @@ def _cut(out: Path, parts: Path, layout: dict, options: dict, progress: bool) ->
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer_choice(spec, max_chars: int, pattern: str) -> tuple[dict, tokenizer.Tokenizer | None]:
+    """The options that name the tokenizer, and the tokenizer (None for train:N: trained later)."""
+    if isinstance(spec, str) and spec.startswith(TRAIN_PREFIX):
+        n = spec[len(TRAIN_PREFIX):].replace("_", "")
+        if not n.isdigit():
+            raise GPTForgeError(f"--tokenizer {spec!r}: expected train:N with N the vocabulary size, e.g. train:8192")
+        tokenizer.check_vocab_size(int(n), f"--tokenizer {spec}: vocabulary size")
+        if pattern not in tokenizer.PATTERNS:
+            raise GPTForgeError(f"tokenizer pattern {pattern!r}: expected one of {', '.join(tokenizer.PATTERNS)}")
+        if not isinstance(max_chars, int) or max_chars < 1:
+            raise GPTForgeError(f"--tokenizer-max-chars must be a positive integer, got {max_chars!r}")
+        return {"tokenizer": f"{TRAIN_PREFIX}{int(n)}", "vocab_size": int(n), "tokenizer_pattern": pattern,
+                "tokenizer_max_chars": max_chars}, None
+    if spec is None or isinstance(spec, tokenizer.Tokenizer):
+        tok = spec or tokenizer.Tokenizer()
+    elif Path(spec).is_dir() and (Path(spec) / shards.MANIFEST).is_file():  # a prepared data directory's
+        tok = shards.data_tokenizer(spec)
+    else:
+        tok = tokenizer.Tokenizer.load(spec)
+    return {"tokenizer": tok.name, "vocab_size": tok.vocab_size}, tok
+
+
+def _stored_tokenizer(out: Path, tok: tokenizer.Tokenizer | None, options: dict, resumed: bool, sources, text_field,
+                      split, strict, progress) -> tokenizer.Tokenizer:
+    """The preparation's tokenizer, stored in out/tokenizer/ when trained: trained there first
+    (train:N; a re-run after an interruption finds it), or copied there."""
+    tdir = out / TOKENIZER_DIR
+    if tok is not None and not tok.trained:
+        return tok
+    if tok is None:
+        if resumed and (tdir / tokenizer.TOKENIZER_FILE).is_file():
+            return tokenizer.Tokenizer.load(tdir)
+        shutil.rmtree(tdir, ignore_errors=True)
+        from gptforge.data.tokenizer_sample import train_tokenizer
+
+        return train_tokenizer(sources, tdir, options["vocab_size"], max_chars=options["tokenizer_max_chars"],
+                               pattern=options["tokenizer_pattern"], text_field=text_field, split=split,
+                               strict=strict, progress=progress)
+    with contextlib.suppress(GPTForgeError):
+        if tokenizer.Tokenizer.load(tdir).name == tok.name:
+            return tokenizer.Tokenizer.load(tdir)
+    tok.save(tdir, overwrite=True)
+    return tokenizer.Tokenizer.load(tdir)
 
 
 def _check_args(srcs, shard_tokens, val_tokens, workers, text_field) -> None:
@@ -584,16 +661,27 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    tokenizer: "str | os.PathLike | tokenizer_mod.Tokenizer" = "gpt2",
+    tokenizer_max_chars: int | None = None,
+    tokenizer_pattern: str | None = None,
 ) -> dict:
     """Tokenize `sources` into shards in `out_dir` and return the manifest (see the module doc).
+    tokenizer: "gpt2", "train:N", a tokenizer directory or file, a prepared data directory (its
+    tokenizer), or a Tokenizer. tokenizer_max_chars / tokenizer_pattern: for train:N.
 
     Re-running after an interruption continues; re-running when done returns the manifest at once.
     """
+    global _CODEC
+    from gptforge.data.tokenizer_sample import DEFAULT_MAX_CHARS
+
     _check_args(sources, shard_tokens, val_tokens, workers, text_field)
+    tok_spec, tok = _tokenizer_choice(
+        None if tokenizer == "gpt2" else tokenizer, tokenizer_max_chars or DEFAULT_MAX_CHARS,
+        tokenizer_pattern or tokenizer_mod.DEFAULT_PATTERN)
     srcs = _src.resolve_all(sources)
     out = Path(out_dir).expanduser()
     options = _options(srcs, shard_tokens=shard_tokens, val_tokens=val_tokens, text_field=text_field, split=split,
-                       strict=strict, out=out)
+                       strict=strict, out=out, tok_spec=tok_spec)
     workers = workers or default_workers()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -606,18 +694,23 @@ def prepare(
         parts = out / PARTS
         remove_stale_tmp(out)
         remove_stale_tmp(parts)
-        if not (out / STATE).exists():
+        resumed = (out / STATE).exists()
+        if not resumed:
             shards.write_json(out / STATE, {"options": options})
-        if (parts / LAYOUT).exists():
-            layout = _read_json(parts / LAYOUT)
-        else:
-            try:
+        try:
+            tok = _stored_tokenizer(out, tok, options, resumed, sources, text_field, split, strict, progress)
+            if (parts / LAYOUT).exists():
+                layout = _read_json(parts / LAYOUT)
+            else:
+                _CODEC = (str(tok.file), tok.file_sha256) if tok.trained else (None, None)
                 layout = _tokenize(srcs, parts, options, workers, progress)
-            except GPTForgeError as e:
-                if not isinstance(e, _KeepState):
-                    _clear(out)  # an input problem: the unfinished work cannot be resumed as is
-                raise
-        manifest = _cut(out, parts, layout, options, progress)
+        except GPTForgeError as e:
+            if not isinstance(e, _KeepState):
+                _clear(out)  # an input problem: the unfinished work cannot be resumed as is
+            raise
+        finally:
+            _CODEC = (None, None)
+        manifest = _cut(out, parts, layout, options, tok, progress)
         shards.write_manifest(out, manifest)
         shutil.rmtree(parts, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):

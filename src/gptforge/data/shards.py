@@ -5,6 +5,8 @@ numpy array of token ids (uint16, or uint32 for vocabularies over 65,536 ids), a
 
     {"format": "gptforge-shards", "version": 1, "tokenizer": "gpt2", "vocab_size": 50257,
      "eot_id": 50256, "dtype": "uint16", "shard_tokens": ...,
+     ("tokenizer_file": "tokenizer/gptforge-tokenizer.json", "tokenizer_sha256": ...: a trained
+      tokenizer, stored in the directory; "tokenizer" is then its name, e.g. "bpe4096-1a2b3c4d5e6f")
      "splits": {"val": {"num_tokens", "num_documents", "shards": [{"file", "num_tokens",
                                                                    "num_documents", "sha256"}]},
                 "train": {...}},
@@ -130,6 +132,13 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     for key, tp in (("tokenizer", str), ("vocab_size", int), ("eot_id", int), ("dtype", str), ("splits", dict)):
         if not isinstance(manifest.get(key), tp):
             raise GPTForgeError(f"{path}: field {key!r} missing or not a {tp.__name__}")
+    for key in ("tokenizer_file", "tokenizer_sha256"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise GPTForgeError(f"{path}: field {key!r} is not a string")
+    if ("tokenizer_file" in manifest) != ("tokenizer_sha256" in manifest):
+        raise GPTForgeError(f"{path}: fields 'tokenizer_file' and 'tokenizer_sha256' go together")
+    if "tokenizer_file" not in manifest and manifest["tokenizer"] != "gpt2":
+        raise GPTForgeError(f"{path}: tokenizer {manifest['tokenizer']!r} without a 'tokenizer_file' (only gpt2 is built in)")
     if manifest["dtype"] not in ("uint16", "uint32"):
         raise GPTForgeError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected uint16 or uint32")
     if np.iinfo(manifest["dtype"]).max < manifest["vocab_size"] - 1:
@@ -145,6 +154,28 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
             if not SHARD_RE.match(s["file"]):
                 raise GPTForgeError(f"{path}: splits.{split}: bad shard file name {s['file']!r}")
     return manifest
+
+
+def data_tokenizer(data_dir: str | os.PathLike, manifest: dict | None = None):
+    """The tokenizer a prepared directory was made with: GPT-2's, or the trained one stored in it
+    (checked against the manifest's sha256, name and vocabulary size)."""
+    from gptforge import tokenizer as tk
+
+    data_dir = Path(data_dir)
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    where = str(data_dir / MANIFEST)
+    if "tokenizer_file" not in manifest:
+        tok = tk.Tokenizer()
+    else:
+        rel = Path(manifest["tokenizer_file"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise GPTForgeError(f"{where}: tokenizer_file {manifest['tokenizer_file']!r} must lie inside the data directory")
+        tok = tk.Tokenizer.load(data_dir / rel, sha256=manifest["tokenizer_sha256"], where=where)
+    if (tok.name, tok.vocab_size, tok.eot_id) != (manifest["tokenizer"], manifest["vocab_size"], manifest["eot_id"]):
+        raise GPTForgeError(
+            f"{where}: names tokenizer {manifest['tokenizer']} ({manifest['vocab_size']} ids, EOT {manifest['eot_id']}), "
+            f"but its tokenizer file is {tok.name} ({tok.vocab_size} ids, EOT {tok.eot_id})")
+    return tok
 
 
 @dataclass(frozen=True)
@@ -259,6 +290,11 @@ def verify(data_dir: str | os.PathLike) -> dict:
             listed = [e.get(key) for e in body["shards"]]
             if key in body and all(isinstance(v, int) for v in listed) and body[key] != sum(listed):
                 problems.append(f"{data_dir / MANIFEST}: splits.{split}.{key} is {body[key]!r}, its shards add up to {sum(listed)}")
+    if "tokenizer_file" in manifest:  # the tokenizer stored with the data: its sha256, name and size
+        try:
+            data_tokenizer(data_dir, manifest)
+        except GPTForgeError as e:
+            problems.append(str(e))
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise GPTForgeError(f"{data_dir}: verification failed: " + "; ".join(problems[:5]) + more)

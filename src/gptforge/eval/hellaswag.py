@@ -28,7 +28,7 @@ from gptforge.errors import GPTForgeError
 from gptforge.eval.perplexity import token_losses
 from gptforge.loss import unwrap
 from gptforge.fsutil import atomic_path
-from gptforge.tokenizer import EOT_ID, Tokenizer
+from gptforge.tokenizer import Tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILENAME = "hellaswag_val.jsonl"
@@ -112,10 +112,10 @@ def render_example(example: Example, tokenizer: Tokenizer, block_size: int) -> t
     ctx + " " + ending, cropped from the left to block_size, right-padded with 0."""
     ctx_tokens = tokenizer.encode(example.ctx)
     if not ctx_tokens:
-        ctx_tokens = [EOT_ID]  # an empty context still gives the first ending token something to follow
+        ctx_tokens = [tokenizer.eot_id]  # an empty context still gives the first ending token something to follow
     rows, masks = [], []
     for ending in example.endings:
-        end_tokens = tokenizer.encode(" " + ending)  # GPT-2 BPE folds the space into the first token
+        end_tokens = tokenizer.encode(" " + ending)  # byte-level BPEs fold the space into the first token
         row = (ctx_tokens + end_tokens)[-block_size:]
         mask = ([0] * len(ctx_tokens) + [1] * len(end_tokens))[-block_size:]
         rows.append(row)
@@ -153,17 +153,19 @@ def _dist() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | None = None, progress: bool = False) -> dict:
-    """Accuracy on a HellaSwag jsonl file: {"acc", "acc_norm", "n"}. Under torch.distributed the
-    examples are dealt out round-robin across ranks and the counts all-reduced (every rank
-    returns the totals). The model is given back in the train/eval mode it came in."""
+def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | None = None, progress: bool = False,
+                       tokenizer: Tokenizer | None = None) -> dict:
+    """Accuracy on a HellaSwag jsonl file: {"acc", "acc_norm", "n"}, with the model's tokenizer
+    (GPT-2's by default). Under torch.distributed the examples are dealt out round-robin across
+    ranks and the counts all-reduced (every rank returns the totals). The model is given back in
+    the train/eval mode it came in."""
     examples = load_examples(path, max_examples)
     rank, world = _dist()
     mine = examples[rank::world]
     # every rank runs the same number of forwards (FSDP gathers weights in each): pad with
     # repeats whose results are not counted
     padding = (-(-len(examples) // world) - len(mine)) if world > 1 else 0
-    tokenizer = Tokenizer()
+    tokenizer = tokenizer or Tokenizer()
     block_size = unwrap(model).config.block_size
 
     bar = None

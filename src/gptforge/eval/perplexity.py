@@ -1,9 +1,16 @@
-"""Loss and perplexity of a model over a data split, optionally capped at the first N tokens.
+"""Loss, perplexity and bits per byte of a model over a data split, optionally capped at the first
+N tokens.
 
 Every target token counts once: the result is the mean cross-entropy over all scored tokens
 (not a mean of per-batch means), so it does not depend on the batch size or on how the split was
-cut into batches. Under torch.distributed each rank scores its own share of the windows and the
-sums are all-reduced, so every rank returns the same numbers.
+cut into batches. Bits per byte, the yardstick that survives a change of tokenizer, is
+
+    bpb = sum of the losses of the targets that are text / (ln 2 x the UTF-8 bytes of those targets)
+
+with each token's bytes from the tokenizer (`Tokenizer.token_bytes`, nanochat's `token_bytes`):
+special tokens (<|endoftext|>) have 0 bytes and are left out of both sums. Under torch.distributed
+each rank scores its own share of the windows and the sums are all-reduced, so every rank returns
+the same numbers.
 """
 
 from __future__ import annotations
@@ -48,14 +55,15 @@ def token_losses(model, x: torch.Tensor, y: torch.Tensor, runtime) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = False) -> dict:
+def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = False, token_bytes=None) -> dict:
     """Mean next-token loss and perplexity over one pass of `loader` (only its first `max_tokens`
     targets when > 0, counted over all ranks: each rank takes ceil(max_tokens / world_size)).
 
     `loader` is a ShardLoader-like object: `iter_epoch(max_batches=None)` yields (x, y) int64
     (B, T) batches, and `B`, `T` (ShardLoader's names) bound how many batches the budget reads.
     The model is put in eval mode and given back in the mode it came in.
-    Returns {"loss": float, "ppl": float, "tokens": int}.
+    `token_bytes`: the UTF-8 bytes of each token id (see the module doc), for bits per byte.
+    Returns {"loss": float, "ppl": float, "tokens": int} and, with token_bytes, "bpb" and "bytes".
     """
     if max_tokens < 0:
         raise GPTForgeError(f"max_tokens must be >= 0 (0 = the whole split), got {max_tokens}")
@@ -79,6 +87,9 @@ def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = 
     # in target positions, which equal scored tokens unless targets carry the ignore index)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     n_scored = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    text_loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)  # targets that are text
+    byte_sum = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    tb = None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.int64).to(runtime.device)
     positions = 0
     try:
         for x, y in loader.iter_epoch(max_batches=max_batches):
@@ -90,6 +101,10 @@ def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = 
                 scored[budget - positions :] = False  # the first `budget` targets, in reading order
             loss_sum += (losses.double() * scored).sum()
             n_scored += scored.sum()
+            if tb is not None:
+                nbytes = tb[y.reshape(-1).clamp(min=0)] * scored  # (B*T,): 0 for specials and unscored
+                text_loss_sum += (losses.double() * (nbytes > 0)).sum()
+                byte_sum += nbytes.sum()
             positions += scored.numel()
             if bar is not None:
                 bar.update(1)
@@ -101,13 +116,22 @@ def evaluate_loss(model, loader, runtime, max_tokens: int = 0, progress: bool = 
         if bar is not None:
             bar.close()
 
-    total_loss, total_tokens = loss_sum.item(), float(n_scored.item())
+    sums = [loss_sum.item(), float(n_scored.item()), text_loss_sum.item(), float(byte_sum.item())]
     if world > 1:
-        total_loss, total_tokens = _all_reduce_sum([total_loss, total_tokens], runtime.device)
+        sums = _all_reduce_sum(sums, runtime.device)
+    total_loss, total_tokens, text_loss, total_bytes = sums
     if total_tokens == 0:
         raise GPTForgeError("the evaluation split yielded no tokens (is the split empty or shorter than one sequence?)")
     loss = total_loss / total_tokens
-    return {"loss": loss, "ppl": perplexity(loss), "tokens": int(total_tokens)}
+    out = {"loss": loss, "ppl": perplexity(loss), "tokens": int(total_tokens)}
+    if tb is not None:
+        out.update(bpb=bits_per_byte(text_loss, total_bytes), bytes=int(total_bytes))
+    return out
+
+
+def bits_per_byte(loss_sum_nats: float, n_bytes: float) -> float:
+    """Summed loss (nats) of text targets over their UTF-8 bytes, in bits: nan without bytes."""
+    return loss_sum_nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
 
 
 def perplexity(loss: float) -> float:

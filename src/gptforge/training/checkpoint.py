@@ -2,7 +2,8 @@
 
 RUN_DIR/checkpoints/step_NNNNNN/
     model.safetensors   weights (safetensors, tied head stored once)
-    config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, ...}
+    config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, "tokenizer": {...}, ...}
+    gptforge-tokenizer.json   a trained tokenizer (none for GPT-2's)
     state.pt            optimizer, scaler, schedule, every RNG state, loader position; plain
                         tensors/containers only, so it loads with torch.load(weights_only=True)
     SHA256SUMS          the sha256 of the three files above, written last (see gptforge.checkpoint)
@@ -192,6 +193,7 @@ def save_checkpoint(
     train_state: dict,
     train_config: dict,
     keep_last: int,
+    tokenizer=None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; then delete all but the newest keep_last."""
     ckdir = checkpoints_dir(run_dir)
@@ -204,7 +206,7 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         writing[0] = tmp / WEIGHTS
-        write_model_files(tmp, model_state, model.config, extra)
+        write_model_files(tmp, model_state, model.config, extra, tokenizer)
         writing[0] = tmp / STATE
         _torch_save(train_state, tmp / STATE)
         writing[0] = tmp / SUMS

@@ -32,6 +32,7 @@ class Reporter:
     def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, tracker=None, progress: bool = True):
         self.enabled = enabled
         self.tracker = tracker
+        self.val_bpb = None  # the last evaluation's bits per byte, kept on the bar
         self.bar = None
         self.file = None
         if not enabled:
@@ -59,9 +60,12 @@ class Reporter:
         self.file.write(json.dumps(clean) + "\n")
         if self.tracker is not None:
             self.tracker.log(row)
+        if row.get("val_bpb") is not None:
+            self.val_bpb = row["val_bpb"]
         if "loss" in row and "dt_ms" in row:
             if self.bar is not None:
-                self.bar.set_postfix_str(train_line(row).split("| ", 1)[1], refresh=False)
+                val = f" | val bpb {self.val_bpb:.3f}" if self.val_bpb is not None else ""
+                self.bar.set_postfix_str(train_line(row).split("| ", 1)[1] + val, refresh=False)
                 self.bar.update(row["step"] + 1 - self.bar.n)
             elif echo and self.progress:
                 print(train_line(row), flush=True)

@@ -68,10 +68,10 @@ def resolve_data_dir(cfg: TrainConfig, env: distrib.DistEnv) -> Path:
     from gptforge.data.prepare import ensure_default_corpus
 
     if env.is_main:
-        path = ensure_default_corpus()
+        path = ensure_default_corpus(tokenizer=cfg.data.tokenizer)
     distrib.barrier(env)
     if not env.is_main:
-        path = ensure_default_corpus()
+        path = ensure_default_corpus(tokenizer=cfg.data.tokenizer)
     return path
 
 
@@ -113,8 +113,14 @@ class Trainer:
 
         shard_check = verify.start(data_dir, enabled=cfg.data.verify, hashes_here=self.env.local_rank == 0,
                                    progress=progress and self.env.is_main)
+        from gptforge.data.shards import data_tokenizer
+
+        # the data's tokenizer: the model's vocabulary, the samples' text, bits per byte; into every checkpoint
+        self.tokenizer = data_tokenizer(data_dir)
+        cfg.resolved["tokenizer"] = self.tokenizer.identity()
         # random init, --resume's architecture, or model.init_from: one place (train/weights.py)
-        model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env)
+        model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env, self.tokenizer,
+                                                               f"data {data_dir}")
         refuse_cpu_fallback(cfg.run.device, self.rt.device, model.num_params(non_embedding=True))
         seed_everything(cfg.run.seed + self.env.rank)  # then ranks apart: each its own dropout masks (the data
         #                                                order has its own seed, the same on every rank)
@@ -154,6 +160,7 @@ class Trainer:
         self.queued: list[tuple[dict, torch.Tensor]] = []  # steps whose values the host has not read
         self.halted = torch.zeros((), dtype=torch.bool, device=self.rt.device)  # a non-finite loss was queued
         self.streak_end: dict | None = None  # the row of max_skips spikes in a row, read and not yet rolled back
+        self.val_bpb: float | None = None
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -216,7 +223,7 @@ class Trainer:
             distrib.barrier(self.env)
             return None
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, model_state,
-                                    state, self.cfg.record(), self.cfg.run.keep_last)
+                                    state, self.cfg.record(), self.cfg.run.keep_last, tokenizer=self.tokenizer)
         distrib.barrier(self.env)
         return path
 
@@ -322,10 +329,12 @@ class Trainer:
     def evaluate(self) -> float:
         from gptforge.eval.perplexity import evaluate_loss
 
-        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens)
+        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens,
+                            token_bytes=self.tokenizer.token_bytes())
         self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
-                         "val_loss": out["loss"], "val_ppl": out["ppl"]})
-        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f}")
+                         "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]})
+        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}")
+        self.val_bpb = out["bpb"]
         return out["loss"]
 
     def hellaswag(self) -> None:
@@ -335,7 +344,7 @@ class Trainer:
             from gptforge.eval.hellaswag import download_hellaswag
 
             self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
-        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt)
+        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt, tokenizer=self.tokenizer)
         self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
                          "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
         self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
@@ -348,14 +357,14 @@ class Trainer:
             return False
         return self.env.is_main or distrib.forward_is_collective(self.model)
 
-    def sample(self, prompt: str = "\n") -> str:
+    def sample(self, prompt: str | None = None) -> str:
+        """The prompt (run.sample_prompt) and its continuation by the model, as text."""
         from gptforge.sampling import generate
-        from gptforge.tokenizer import Tokenizer
 
-        tok = Tokenizer()
-        ids = generate(self.model, tok.encode(prompt), max_new_tokens=self.cfg.run.sample_tokens,
+        tok, prompt = self.tokenizer, self.cfg.run.sample_prompt if prompt is None else prompt
+        ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], max_new_tokens=self.cfg.run.sample_tokens,
                        temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
-        return tok.decode(ids)
+        return prompt + tok.decode(ids)
 
     def roll_back(self, at_step: int) -> None:
         """After repeated spikes (the streak ended with step `at_step - 1`): back to the last
@@ -456,6 +465,7 @@ class Trainer:
             + (" | activation checkpointing on" if c.run.activation_checkpointing else ""),
             f"weights: {self.weights_line()}",
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens"
+            + f" | tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size:,} ids)"
             + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
             f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),

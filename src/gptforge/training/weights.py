@@ -24,13 +24,23 @@ from gptforge.training import distributed as distrib
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias")  # must agree with the source when the user set them
 
 
-def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistEnv) -> tuple[GPT, dict]:
+def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistEnv, tokenizer=None,
+                  data_where: str = "the data") -> tuple[GPT, dict]:
     """The raw model (CPU, fp32) a run starts from, and a record of where its weights came from
-    (saved in the run's config under `resolved.weights`).
+    (saved in the run's config under `resolved.weights`). `tokenizer` is the data's: a random
+    model's vocabulary is its vocabulary, and a checkpoint or init_from source trained with
+    another tokenizer is an error naming both.
 
     With `resume_from` the model has the checkpoint's architecture and still random weights: the
     trainer's restore() loads them with the optimizer, so init_from is not applied again."""
+    from gptforge import tokenizer as tk
+
+    tokenizer = tokenizer or tk.Tokenizer()
+    vocab = tokenizer.vocab_size
     if resume_from is not None:
+        from gptforge.checkpoint import model_tokenizer
+
+        tk.check_match(model_tokenizer(resume_from).identity(), f"checkpoint {resume_from}", tokenizer.identity(), data_where)
         saved_model, saved_train = ckpt.checkpoint_meta(resume_from)
         record = {"from": "resume", "checkpoint": str(resume_from)}
         first = (saved_train.get("resolved") or {}).get("weights")
@@ -39,13 +49,13 @@ def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistE
         if cfg.model.init_from:  # the architecture is the checkpoint's, not the (default) preset's
             config = GPTConfig.from_dict({**saved_model.to_dict(), "attention": cfg.model.attention})
             return GPT(config), record
-        return GPT(cfg.model.gpt_config()), record
+        return GPT(cfg.model.gpt_config(vocab_size=vocab)), record
     if not cfg.model.init_from:
-        return GPT(cfg.model.gpt_config()), {"from": "random init", "seed": cfg.run.seed}
-    return _init_from(cfg, env)
+        return GPT(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
+    return _init_from(cfg, env, tokenizer, data_where)
 
 
-def _init_from(cfg: TrainConfig, env: distrib.DistEnv) -> tuple[GPT, dict]:
+def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: str) -> tuple[GPT, dict]:
     from gptforge import hf
 
     source = cfg.model.init_from
@@ -55,8 +65,11 @@ def _init_from(cfg: TrainConfig, env: distrib.DistEnv) -> tuple[GPT, dict]:
     distrib.barrier(env)
     if not env.is_main:
         path = hf.locate(source)
+    from gptforge import tokenizer as tk
+
+    tk.check_match(hf.tokenizer_of(path).identity(), f"model.init_from {source}", tokenizer.identity(), data_where)
     base = hf.source_config(path)
-    overrides = check_against_source(cfg, base, source)
+    overrides = check_against_source(cfg, base, source, tokenizer.vocab_size)
     model = GPT.from_pretrained(str(path), **overrides)
     record = {"from": "init_from", "source": source, "path": str(path), "model": model.config.to_dict()}
     if model.config.block_size < base.block_size:
@@ -64,7 +77,7 @@ def _init_from(cfg: TrainConfig, env: distrib.DistEnv) -> tuple[GPT, dict]:
     return model, record
 
 
-def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str) -> dict:
+def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, vocab_size: int = 50257) -> dict:
     """The load overrides for `source`, after checking every user-set model.* key against its
     architecture (one error listing all contradictions)."""
     m, explicit = cfg.model, cfg.explicit
@@ -73,8 +86,8 @@ def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str) -
         for key, value in PRESETS[m.preset].items():
             if key in ARCHITECTURE:
                 configured[key] = (f"model.preset {m.preset!r} ({key})", value)
-        if source_cfg.vocab_size != 50257:
-            configured["vocab_size"] = (f"model.preset {m.preset!r} (vocab_size)", 50257)
+        if source_cfg.vocab_size != vocab_size:  # a preset's vocabulary is the data tokenizer's
+            configured["vocab_size"] = (f"model.preset {m.preset!r} (vocab_size)", vocab_size)
     for key in ARCHITECTURE:
         value = getattr(m, key)
         if f"model.{key}" in explicit and value is not None:
