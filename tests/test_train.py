@@ -213,14 +213,16 @@ def test_cli_train_then_resume_extends_the_run(tmp_path, shards_dir):
     assert steps == [0, 1, 2, 3]
 
 
-def test_cli_config_errors_are_one_line(tmp_path):
+def test_cli_config_errors_are_one_line(tmp_path, shards_dir):
     p = run_cli("train", "--optim.learning_rate", "1")
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and "unknown key 'optim.learning_rate'" in p.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nbatch_tokens = 1000\nmicro_batch_size = 3\n[run]\ndevice = 'cpu'\n")
-    p = run_cli("train", "--config", str(bad), "--data.dir", str(tmp_path))
+    p = run_cli("train", "--config", str(bad), "--data.dir", str(shards_dir))
     assert p.returncode == 1 and "must be a multiple of" in p.stderr
+    p = run_cli("train", "--data.dir", str(tmp_path))  # not prepared: one line naming the directory
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "is not a prepared data directory" in p.stderr
 
 
 def test_hellaswag_inside_training_is_logged(tmp_path, shards_dir):
