@@ -247,7 +247,8 @@ def test_small_corpus_prepares_trains_and_evaluates_with_defaults(tmp_path, monk
     assert "final val loss" in out and "--- sample ---" in out
     assert cli.main(["eval", str(run), "--data", str(data), "--max-tokens", "4096", "--no-progress"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.match(r"val loss \d+\.\d+  perplexity [\d.]+  \([\d,]+ tokens\)", line), line
+    assert re.match(r"val loss \d+\.\d+ nats/token  perplexity [\d.]+  bits per byte \d+\.\d+  "
+                    r"\([\d,]+ tokens, [\d,]+ bytes\)", line), line
 
 
 # --------------------------------------------------------------------------- the Python API
