@@ -304,3 +304,27 @@ def test_cli_train_resume_bitwise_sample_eval(tmp_path, shards_dir):
     p = run_cli("eval", str(full), "--data", str(shards_dir), "--max-tokens", "256")
     assert p.returncode == 0, p.stderr
     assert "loss" in p.stdout
+
+
+def test_wrappings_from_outside_compute_the_same():
+    """Activation checkpointing and torch.compile (aot_eager: the same graphs, no codegen) give the
+    plain model's loss and gradients; bf16 autocast runs without a dtype mismatch."""
+    import warnings
+
+    from gptforge.training.distributed import apply_activation_checkpointing
+
+    x, y = tokens(16), tokens(16, seed=1)
+    ref = nano().train()
+    loss = ref(x, y)[1]
+    loss.backward()
+    ckpt = nano().train()
+    apply_activation_checkpointing(ckpt)
+    l2 = ckpt(x, y)[1]
+    l2.backward()
+    assert torch.equal(l2, loss)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(ref.parameters(), ckpt.parameters()))
+    compiled = torch.compile(nano(), backend="aot_eager")
+    assert torch.allclose(compiled(x, y)[1], loss, atol=1e-5)
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")  # e.g. "Mismatch dtype between input and weight"
+        assert torch.isfinite(nano()(x, y)[1])

@@ -124,7 +124,8 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 def config_from_hf(hf: dict, where: str) -> GPTConfig:
     """The GPTConfig of an HF GPT-2 config.json; variants GPT-2 does not have are refused."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise GPTForgeError(f"{where}: model_type is {hf.get('model_type')!r}; only 'gpt2' checkpoints can be loaded")
+        raise GPTForgeError(f"{where}: model_type is {hf.get('model_type')!r}; only 'gpt2' (GPT-2) and, "
+                            "for the modern model, 'qwen3' and 'llama' checkpoints can be loaded")
     problems = []
     for key in ("n_embd", "n_layer", "n_head", "vocab_size"):
         if not isinstance(hf.get(key), int):

@@ -116,9 +116,17 @@ class ModernConfig:
         return cls(**d).validate()
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 and cast back, as Qwen3's: under autocast the queries and keys
+    arrive in bf16 while the gain is fp32 (torch's fused kernel wants one dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 def make_norm(config: ModernConfig, size: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=NORM_EPS)
+        return RMSNorm(size, eps=NORM_EPS)
     return nn.LayerNorm(size, eps=NORM_EPS, bias=config.bias)
 
 
@@ -158,8 +166,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_OUTPUT = True  # zero (zero_init) or N(0, 0.02/sqrt(2*n_layer)): see init_weights
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=NORM_EPS) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=NORM_EPS) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, eps=NORM_EPS) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=NORM_EPS) if config.qk_norm else None
         self.rotary = Rotary(config) if config.rope else None
         self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
