@@ -1,0 +1,204 @@
+"""optim.name muon and optim.schedule wsd: the grouping, the update against torch.optim.Muon used
+directly, the schedule's values, the trainer (CLI, bitwise resume, spike guard), DDP on 2 gloo
+ranks against one process, and the refusals (FSDP2, bad values, a checkpoint of the other optimizer)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge import config as C
+from gptforge.errors import GPTForgeError
+from gptforge.model import GPT, preset
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.optim import MuonAdamW, describe, lr_at, make_optimizer, set_lr
+from gptforge.training.trainer import Trainer, train
+
+CPU = torch.device("cpu")
+
+
+def muon_args(**kw) -> C.OptimArgs:
+    return C.OptimArgs(name="muon", **kw)
+
+
+def untied_nano() -> GPT:
+    """nano with a separate lm_head.weight (GPT-2 ties it): the head group of the modern model."""
+    model = GPT(preset("nano"))
+    model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+    return model
+
+
+# ------------------------------------------------------------------ grouping
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_parameter_in_exactly_one_group_and_only_block_matrices_under_muon(tied):
+    model = GPT(preset("nano")) if tied else untied_nano()
+    opt = make_optimizer(model, muon_args(embed_lr=1e-3, head_lr=2e-3, muon_lr=0.05), CPU, "muon")
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))  # each exactly once; a tied head once
+    by_kind = {g["kind"]: [names[id(p)] for p in g["params"]] for g in opt.param_groups}
+    n_layer = model.config.n_layer
+    assert sorted(by_kind["muon"]) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(n_layer)
+                                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert by_kind["embed"] == ["transformer.wte.weight", "transformer.wpe.weight"]
+    assert by_kind.get("head") == (None if tied else ["lm_head.weight"])
+    assert all(model.get_parameter(n).dim() < 2 for n in by_kind["gain"]) and len(by_kind["gain"]) == 8 * n_layer + 2
+    assert "matrix" not in by_kind  # GPT-2 has no other matrices
+    # the Muon half holds exactly the muon group; AdamW the rest
+    assert [g["kind"] for g in opt.muon.param_groups] == ["muon"]
+    assert all(g["kind"] != "muon" for g in opt.adamw.param_groups)
+    lrs = {g["kind"]: (g["base_lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert lrs["muon"] == (0.05, 0.0) and lrs["embed"] == (1e-3, 0.1) and lrs["gain"] == (6e-4, 0.0)
+    assert tied or lrs["head"] == (2e-3, 0.1)
+    line = describe(opt, muon_args())
+    assert line.startswith(f"optimizer muon: {4 * n_layer} matrices (") and "lr 0.05 momentum 0.95" in line
+    assert "| adamw: wte + wpe (" in line and ("lm_head" in line) != tied and f"{len(by_kind['gain'])} gains/biases" in line
+
+
+def test_embed_and_head_lr_zero_mean_optim_lr():
+    opt = make_optimizer(untied_nano(), muon_args(lr=3e-4), CPU, "muon")
+    assert {g["kind"]: g["base_lr"] for g in opt.param_groups} == {"muon": 0.02, "embed": 3e-4, "head": 3e-4, "gain": 3e-4}
+
+
+def test_adamw_path_is_plain_torch_adamw():
+    opt = make_optimizer(GPT(preset("nano")), C.OptimArgs(), CPU)
+    assert type(opt) is torch.optim.AdamW and all("kind" not in g for g in opt.param_groups)
+    set_lr(opt, 1.25e-4, C.OptimArgs())
+    assert [g["lr"] for g in opt.param_groups] == [1.25e-4, 1.25e-4]
+
+
+# ------------------------------------------------------------------ the update is torch's
+def test_step_equals_torch_muon_and_adamw_used_directly():
+    """Three steps of MuonAdamW (with the schedule's multiplier) against torch.optim.Muon on the
+    block matrices and torch.optim.AdamW on the rest, built by hand from the documented example:
+    the wrapper adds nothing to either update, and its state_dict resumes them exactly."""
+    torch.manual_seed(0)
+    args = muon_args(muon_lr=0.03, muon_momentum=0.9, muon_weight_decay=0.01, embed_lr=1e-3, head_lr=2e-3)
+    a, b = untied_nano(), None
+    b = copy.deepcopy(a)
+    opt = make_optimizer(a, args, CPU, "muon")
+    pa = dict(b.named_parameters())
+    hidden = [p for n, p in pa.items() if n.startswith("transformer.h.") and p.dim() == 2]
+    ref_muon = torch.optim.Muon(hidden, lr=0.03, momentum=0.9, weight_decay=0.01, adjust_lr_fn="original")
+    ref_adam = torch.optim.AdamW([
+        {"params": [pa["transformer.wte.weight"], pa["transformer.wpe.weight"]], "lr": 1e-3, "weight_decay": 0.1},
+        {"params": [pa["lm_head.weight"]], "lr": 2e-3, "weight_decay": 0.1},
+        {"params": [p for p in pa.values() if p.dim() < 2], "lr": 6e-4, "weight_decay": 0.0},
+    ], betas=(0.9, 0.95), eps=1e-8)
+    x = torch.randint(0, 1000, (2, 16))
+    for step, mult in enumerate((0.5, 1.0, 0.25)):
+        if step == 2:  # through a state_dict round trip into a fresh optimizer
+            opt2 = make_optimizer(a, args, CPU, "muon")
+            opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt = opt2
+        set_lr(opt, 6e-4 * mult, args)
+        for g, lr in zip(ref_muon.param_groups + ref_adam.param_groups, (0.03, 1e-3, 2e-3, 6e-4)):
+            g["lr"] = lr * mult
+        for model, o in ((a, opt), (b, None)):
+            _, loss = model(x, x)
+            loss.backward()
+        opt.step()
+        ref_muon.step()
+        ref_adam.step()
+        opt.zero_grad(set_to_none=True)
+        ref_muon.zero_grad(set_to_none=True)
+        ref_adam.zero_grad(set_to_none=True)
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), f"step {step}: {n} differs"
+    assert all("momentum_buffer" in opt.state[p] for p in opt.param_groups[0]["params"])
+
+
+def test_muon_update_is_newton_schulz_of_the_nesterov_momentum():
+    """One matrix, one step, against the update torch documents: B = mu*0 + g (lerp form),
+    nesterov g + mu*(B - g)..., NS5 in bf16 on the matrix scaled to norm 1, lr * sqrt(max(1, A/B))."""
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    g = torch.randn(8, 4)
+    w0 = w.detach().clone()
+    opt = torch.optim.Muon([w], lr=0.1, momentum=0.95, weight_decay=0.0, adjust_lr_fn="original")
+    w.grad = g.clone()
+    opt.step()
+    buf = (1 - 0.95) * g  # lerp_(g, 1 - mu) from zero
+    update = g.lerp(buf, 0.95)
+    x = update.bfloat16().T  # wide: 4 x 8
+    x = x / x.norm().clamp(min=1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    want = w0 - 0.1 * math.sqrt(8 / 4) * x.T.float()
+    torch.testing.assert_close(w.detach(), want, atol=2e-2, rtol=0)  # bf16 iterations: a few ulps of bf16
+
+
+# ------------------------------------------------------------------ schedules
+def test_wsd_schedule_values():
+    args = C.OptimArgs(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", decay_frac=0.2)
+    lrs = [lr_at(s, args, 100) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # warmup as cosine's
+    assert all(v == 1.0 for v in lrs[10:80])  # stable until the last 20 steps
+    assert lrs[80] == 1.0 and lrs[90] == pytest.approx(0.55) and lrs[99] == pytest.approx(1.0 - 0.9 * 19 / 20)
+    assert all(a > b for a, b in zip(lrs[80:100], lrs[81:100]))  # linear decay
+    assert lrs[100] == pytest.approx(0.1) and lrs[109] == pytest.approx(0.1)  # the end value, kept
+    # decay_steps ends the decay earlier; decay_frac 0 is a step down at decay_steps
+    short = C.OptimArgs(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_frac=0.5, decay_steps=40)
+    assert lr_at(19, short, 100) == 1.0 and lr_at(30, short, 100) == pytest.approx(0.5) and lr_at(40, short, 100) == 0.0
+    flat = C.OptimArgs(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_frac=0.0)
+    assert lr_at(99, flat, 100) == 1.0 and lr_at(100, flat, 100) == 0.0
+
+
+def test_cosine_unchanged_and_groups_share_the_multiplier():
+    args = C.OptimArgs(lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, decay_steps=110)
+    for s in (0, 9, 10, 37, 60, 109, 110, 150):  # the formula as it was, bit for bit
+        if s < 10:
+            want = 6e-4 * (s + 1) / 10
+        elif s >= 110:
+            want = 6e-4 * 0.1
+        else:
+            lo = 6e-4 * 0.1
+            want = lo + 0.5 * (1.0 + math.cos(math.pi * (s - 10) / 100)) * (6e-4 - lo)
+        assert lr_at(s, args, 200) == want
+    opt = make_optimizer(untied_nano(), muon_args(embed_lr=1e-3), CPU, "muon")
+    got = set_lr(opt, lr_at(60, args, 200), args)
+    m = lr_at(60, args, 200) / 6e-4
+    assert got["muon"] == pytest.approx(0.02 * m) and got["embed"] == pytest.approx(1e-3 * m)
+    assert got["gain"] == lr_at(60, args, 200) and got["head"] == lr_at(60, args, 200)
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.name", "sgd", "optim.name must be one of adamw, muon, got 'sgd'"),
+    ("optim.schedule", "linear", "optim.schedule must be one of cosine, wsd, got 'linear'"),
+    ("optim.decay_frac", "1.5", "optim.decay_frac must be in [0, 1], got 1.5"),
+    ("optim.muon_lr", "0", "optim.muon_lr must be a positive number, got 0.0"),
+    ("optim.muon_momentum", "1", "optim.muon_momentum must be in [0, 1), got 1.0"),
+    ("optim.muon_weight_decay", "-1", "optim.muon_weight_decay must be a number >= 0, got -1.0"),
+    ("optim.muon_adjust_lr", "spectral", "optim.muon_adjust_lr must be one of original, match_rms_adamw, got 'spectral'"),
+    ("optim.embed_lr", "-1e-3", "optim.embed_lr must be a number >= 0 (0 = optim.lr), got -0.001"),
+    ("optim.head_lr", "nan", "optim.head_lr must be a number >= 0 (0 = optim.lr), got nan"),
+])
+def test_bad_values_are_one_line_naming_the_key(key, value, message):
+    with pytest.raises(GPTForgeError) as e:
+        C.resolve(None, [(key, value)])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fsdp_with_muon_is_refused_naming_ddp():
+    with pytest.raises(GPTForgeError) as e:
+        C.resolve(None, [("optim.name", "muon"), ("run.dist", "fsdp")])
+    assert "optim.name muon does not run under run.dist fsdp" in str(e.value) and "--run.dist ddp" in str(e.value)
+    assert "\n" not in str(e.value)
+    C.resolve(None, [("optim.name", "muon"), ("run.dist", "ddp")])
+    C.resolve(None, [("optim.name", "adamw"), ("run.dist", "fsdp")])
+    assert C.optimizer_name(C.resolve(None, [("optim.name", "muon")])) == "muon"
+
+
+def test_muon_adjust_lr_choices_are_torchs():
+    for fn in C.MUON_ADJUST_LR:  # each accepted by torch.optim.Muon
+        torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn=fn)
