@@ -202,3 +202,90 @@ def test_fsdp_with_muon_is_refused_naming_ddp():
 def test_muon_adjust_lr_choices_are_torchs():
     for fn in C.MUON_ADJUST_LR:  # each accepted by torch.optim.Muon
         torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn=fn)
+
+
+# ------------------------------------------------------------------ the trainer
+NANO = {
+    "model.preset": "nano", "data.seq_len": "32", "data.prefetch": "0", "optim.batch_tokens": "256",
+    "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2", "optim.name": "muon",
+    "run.max_steps": "6", "run.device": "cpu", "run.precision": "fp32", "run.eval_every": "0",
+    "run.eval_tokens": "512", "run.ckpt_every": "3", "run.sample_tokens": "4", "run.peak_tflops": "1.0",
+}
+
+
+def muon_cfg(run_dir: Path, data_dir: Path, **overrides) -> C.TrainConfig:
+    d = {**NANO, "data.dir": str(data_dir), "run.dir": str(run_dir), **{k: str(v) for k, v in overrides.items()}}
+    return C.resolve(None, list(d.items()))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "gptforge", "train", *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_cli_muon_wsd_run_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, shards_dir):
+    """`gptforge train --optim.name muon --optim.schedule wsd` stopped after 3 of 6 steps and resumed
+    (Muon's momentum and AdamW's moments from the checkpoint) logs exactly the losses of one
+    uninterrupted run; the banner shows the grouping, the rows the Muon lr."""
+    over = {"optim.schedule": "wsd", "optim.decay_steps": "6", "optim.decay_frac": "0.5", "model.dropout": "0.1"}
+    full = train(muon_cfg(tmp_path / "full", shards_dir, **over), progress=False)
+    run = tmp_path / "half"
+    flags = [a for k, v in {**NANO, **over, "data.dir": str(shards_dir), "run.dir": str(run)}.items() for a in (f"--{k}", v)]
+    p = cli(*flags, "--run.max_steps", "3")
+    assert "optimizer muon: 8 matrices (0.10M) lr 0.02 momentum 0.95" in p.stdout and "schedule wsd" in p.stdout
+    assert "| adamw: wte + wpe (3.22M) lr 0.003 wd 0.1, 18 gains/biases" in p.stdout
+    state = torch.load(ckpt.latest_checkpoint(run) / ckpt.STATE, weights_only=True)
+    assert sum("momentum_buffer" in s for s in state["optimizer"]["state"].values()) == 8
+    cli("--resume", "auto", "--run.dir", str(run), "--run.max_steps", "6")
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(6))
+    assert {r["step"]: r["loss"] for r in rows} == full.losses  # bitwise
+    mult = [lr_at(s, muon_cfg(run, shards_dir, **over).optim, 6) / 3e-3 for s in range(6)]
+    assert [r["muon_lr"] for r in rows] == pytest.approx([0.02 * m for m in mult])
+    assert mult[2:4] == [1.0, 1.0] and mult[4] == pytest.approx(1 - 0.9 / 3)  # flat, then the linear decay
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path, shards_dir):
+    run = tmp_path / "run"
+    train(muon_cfg(run, shards_dir, **{"run.max_steps": 1, "run.sample_tokens": 0}), progress=False)
+    with pytest.raises(GPTForgeError, match=r"the checkpoint's optimizer is muon .* this run's is adamw .*--optim.name muon"):
+        Trainer(muon_cfg(run, shards_dir, **{"optim.name": "adamw", "run.max_steps": 2}), resume="auto", progress=False)
+
+
+def test_spike_guard_skips_a_muon_step_without_any_update(tmp_path, shards_dir, monkeypatch):
+    """A garbage batch at step 18: the guard skips it; Muon cannot take the device-side mask, so the
+    host decides, and neither the weights nor Muon's momentum nor AdamW's step count move."""
+    cfg = muon_cfg(tmp_path / "run", shards_dir, **{"run.max_steps": 20, "run.ckpt_every": 0, "optim.spike_guard": "on",
+                                                   "optim.spike_k": 4, "optim.spike_window": 8, "run.sample_tokens": 0})
+    trainer = Trainer(cfg, progress=False)
+    bad_step, real_next, real_step = 18, trainer.loader.next_batch, trainer.train_step
+
+    def next_batch():
+        x, y = real_next()
+        if trainer.step == bad_step:
+            g = torch.Generator().manual_seed(0)
+            return torch.randint(0, 50257, x.shape, generator=g, dtype=x.dtype), torch.full_like(y, 47123)
+        return x, y
+
+    seen = {}
+
+    def step():
+        snap = lambda: ([p.detach().clone() for p in trainer.model.parameters()],  # noqa: E731
+                        [s[k].clone() for s in trainer.optimizer.state.values() for k in ("momentum_buffer", "step") if k in s])
+        before = snap()
+        row = real_step()
+        after = snap()
+        seen[row["step"]] = all(torch.equal(a, b) for part in (0, 1) for a, b in zip(before[part], after[part]))
+        return row
+
+    monkeypatch.setattr(trainer.loader, "next_batch", next_batch)
+    monkeypatch.setattr(trainer, "train_step", step)
+    res = trainer.run()
+    skipped = [r for r in metrics(tmp_path / "run") if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [bad_step] and res.step == 20
+    assert seen[bad_step] and not any(seen[s] for s in seen if s != bad_step)
