@@ -289,3 +289,38 @@ def test_spike_guard_skips_a_muon_step_without_any_update(tmp_path, shards_dir, 
     skipped = [r for r in metrics(tmp_path / "run") if r.get("skipped")]
     assert [r["step"] for r in skipped] == [bad_step] and res.step == 20
     assert seen[bad_step] and not any(seen[s] for s in seen if s != bad_step)
+
+
+# ------------------------------------------------------------------ DDP
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:resuming the RNG states")  # no dropout here: the masks do not matter
+def test_ddp_on_two_gloo_ranks_equals_one_process_and_resumes_in_one(tmp_path, shards_dir):
+    """`torchrun --nproc_per_node 2` (DDP, micro-batch 4 each) against one process with micro-batch
+    8: the same global batch, gradients all-reduced before Muon sees them, so the same losses; its
+    checkpoint (Muon's momentum included) resumes in one process on the same trajectory. The
+    tolerance is 10x DDP's with AdamW (tests/test_distributed.py): the all-reduce sums in another
+    order, and Muon's Newton-Schulz runs in bf16, where those last-bit differences can round apart
+    (seen: 1.05e-5 at step 3). Updates from half the batch (one rank's own
+    gradients) move the losses by 0.04 to 0.4 at steps 0-3 (measured)."""
+    over = {"data.order": "shuffle", "optim.batch_tokens": "512", "run.max_steps": "4", "run.ckpt_every": "2",
+            "run.sample_tokens": "0"}
+    single = train(muon_cfg(tmp_path / "single", shards_dir, **over, **{"optim.micro_batch_size": 8}), progress=False)
+    run = tmp_path / "ddp"
+    flags = [a for k, v in {**NANO, **over, "data.dir": str(shards_dir), "run.dir": str(run)}.items() for a in (f"--{k}", v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptforge",
+           "train", *flags]
+    import os
+
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("optimizer muon: 8 matrices") == 1 and "world size 2" in p.stdout
+    ddp = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+    assert sorted(ddp) == [0, 1, 2, 3]
+    for s in ddp:
+        assert math.isclose(ddp[s], single.losses[s], rel_tol=0, abs_tol=1e-4), f"step {s}: {ddp[s]} vs {single.losses[s]}"
+    mid = ckpt.checkpoints_dir(run) / ckpt.step_dir_name(2)
+    resumed = train(muon_cfg(tmp_path / "one", shards_dir, **over, **{"optim.micro_batch_size": 8}), resume=str(mid),
+                    progress=False)
+    for s in (2, 3):
+        assert math.isclose(resumed.losses[s], ddp[s], rel_tol=0, abs_tol=1e-4), f"step {s}"
