@@ -173,7 +173,7 @@ def test_cosine_unchanged_and_groups_share_the_multiplier():
 
 # ------------------------------------------------------------------ config
 @pytest.mark.parametrize("key,value,message", [
-    ("optim.name", "sgd", "optim.name must be one of adamw, muon, got 'sgd'"),
+    ("optim.name", "sgd", "optim.name must be one of auto, adamw, muon, got 'sgd'"),
     ("optim.schedule", "linear", "optim.schedule must be one of cosine, wsd, got 'linear'"),
     ("optim.decay_frac", "1.5", "optim.decay_frac must be in [0, 1], got 1.5"),
     ("optim.muon_lr", "0", "optim.muon_lr must be a positive number, got 0.0"),
@@ -197,6 +197,14 @@ def test_fsdp_with_muon_is_refused_naming_ddp():
     C.resolve(None, [("optim.name", "muon"), ("run.dist", "ddp")])
     C.resolve(None, [("optim.name", "adamw"), ("run.dist", "fsdp")])
     assert C.optimizer_name(C.resolve(None, [("optim.name", "muon")])) == "muon"
+
+
+def test_auto_is_muon_for_the_modern_recipe_and_adamw_for_gpt2():
+    assert C.optimizer_name(C.resolve(None, [])) == "adamw"  # GPT-2 as in 2019
+    assert C.optimizer_name(C.resolve(None, [("model.arch", "modern")])) == "muon"
+    assert C.optimizer_name(C.resolve(None, [("model.arch", "modern"), ("optim.name", "adamw")])) == "adamw"
+    with pytest.raises(GPTForgeError, match="use --run.dist ddp"):  # auto's muon is refused under FSDP too
+        C.resolve(None, [("model.arch", "modern"), ("run.dist", "fsdp")])
 
 
 def test_muon_adjust_lr_choices_are_torchs():

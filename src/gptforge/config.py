@@ -114,7 +114,7 @@ class OptimArgs:
     decay_steps: int = arg(0, "the decay ends here; 0 = run.max_steps")
     schedule: str = arg("cosine", "cosine (warmup, then cosine decay) | wsd (warmup, flat, then linear decay over the last decay_frac of the steps)")
     decay_frac: float = arg(0.2, "wsd: the fraction of the steps (up to decay_steps) that decays linearly to lr * min_lr_ratio")
-    name: str = arg("adamw", "adamw | muon (Muon for the 2-D matrices of the blocks, AdamW for embeddings, head, gains and biases)")
+    name: str = arg("auto", "auto (muon for model.arch modern, adamw for gpt2) | adamw | muon (Muon for the 2-D matrices of the blocks, AdamW for embeddings, head, gains and biases)")
     muon_lr: float = arg(0.02, "muon: peak learning rate of the Muon matrices (scheduled like optim.lr)")
     muon_momentum: float = arg(0.95, "muon: Muon's (Nesterov) momentum")
     muon_weight_decay: float = arg(0.0, "muon: Muon's decoupled weight decay (scaled by its lr)")
@@ -372,8 +372,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         p.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
-    if o.name not in OPTIMIZERS:
-        p.append(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
+    if o.name not in ("auto", *OPTIMIZERS):
+        p.append(f"optim.name must be one of auto, {', '.join(OPTIMIZERS)}, got {o.name!r}")
     elif optimizer_name(cfg) == "muon" and r.dist == "fsdp":
         p.append("optim.name muon does not run under run.dist fsdp (Muon orthogonalizes whole matrices and an FSDP2 "
                  "shard is not one): use --run.dist ddp, or --optim.name adamw")
@@ -421,8 +421,10 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def optimizer_name(cfg: TrainConfig) -> str:
-    """The optimizer this run uses: optim.name (one place to derive a default from, e.g. from the
-    architecture when the user did not set it: `"optim.name" not in cfg.explicit`)."""
+    """The optimizer this run uses: optim.name, where `auto` is the architecture's own (Muon for
+    the modern recipe, whose defaults were measured with it; AdamW for GPT-2, as in 2019)."""
+    if cfg.optim.name == "auto":
+        return "muon" if cfg.model.arch == "modern" else "adamw"
     return cfg.optim.name
 
 
