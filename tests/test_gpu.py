@@ -75,6 +75,37 @@ def test_bf16_autocast_tracks_fp32(tmp_path, shards_dir):
     assert bf16[5] < bf16[0] - 0.5  # and it trains
 
 
+def test_muon_under_fp16_grad_scaler_skips_overflows_and_compiles_in_bf16(tmp_path, shards_dir):
+    """optim.name muon on CUDA: fp16's GradScaler unscales every group and an overflowing step
+    leaves the weights, Muon's momentum and AdamW's step counts as they were (the host decides:
+    Muon takes no found_inf); AdamW inside is fused there; bf16 + compile tracks eager bf16."""
+    t = trainer(cfg(tmp_path, shards_dir, **{"optim.name": "muon", "run.precision": "fp16", "run.max_steps": 20}))
+    try:
+        assert t.optimizer.adamw.defaults["fused"] is True
+        rows = [t.train_step() for _ in range(4)]
+        assert all(math.isfinite(r["loss"]) for r in rows) and min(r["loss"] for r in rows[1:]) < rows[0]["loss"]
+        snap = lambda: [p.detach().clone() for p in t.model.parameters()] + [  # noqa: E731
+            s[k].clone() for s in t.optimizer.state.values() for k in ("momentum_buffer", "step") if k in s]
+        before, scale = snap(), t.scaler.get_scale()
+        hook = t.model.transformer.ln_f.weight.register_hook(lambda g: g * float("inf"))
+        try:
+            row = t.train_step()
+        finally:
+            hook.remove()
+        assert not math.isfinite(row["grad_norm"]) and t.scaler.get_scale() == scale * 0.5
+        assert all(torch.equal(a, b) for a, b in zip(before, snap()))
+        t.train_step()
+        assert any(not torch.equal(a, b) for a, b in zip(before, snap()))
+    finally:
+        close(t)
+    over = {"optim.name": "muon", "run.precision": "bf16", "data.order": "sequential", "run.max_steps": 4, "run.ckpt_every": 0}
+    eager = losses_of(cfg(tmp_path, shards_dir, "eager", **over))
+    compiled = losses_of(cfg(tmp_path, shards_dir, "compiled", **over, **{"run.compile": "true"}))
+    for s in range(4):
+        assert abs(compiled[s] - eager[s]) < 0.05, (s, compiled[s], eager[s])
+    assert eager[3] < eager[0]
+
+
 def test_fp16_with_grad_scaler_trains_and_skips_overflowing_steps(tmp_path, shards_dir):
     t = trainer(cfg(tmp_path, shards_dir, **{"run.precision": "fp16", "run.max_steps": 20}))
     try:

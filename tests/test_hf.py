@@ -113,8 +113,8 @@ def test_missing_tensor_and_untied_head(tmp_path, model, exported):
 
 def test_not_a_gpt2(tmp_path, model, exported):
     config = json.loads((exported / "config.json").read_text())
-    with pytest.raises(GPTForgeError, match="model_type is 'llama'"):
-        load_pretrained(write_hf_dir(tmp_path / "a", {}, {**config, "model_type": "llama"}))
+    with pytest.raises(GPTForgeError, match="model_type is 'mistral'; only 'gpt2' .* 'qwen3' and 'llama'"):
+        load_pretrained(write_hf_dir(tmp_path / "a", {}, {**config, "model_type": "mistral"}))
     with pytest.raises(GPTForgeError, match="activation_function 'relu'"):
         load_pretrained(write_hf_dir(tmp_path / "b", {}, {**config, "activation_function": "relu"}))
 

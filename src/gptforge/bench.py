@@ -72,6 +72,7 @@ LADDER = (
 @dataclass
 class BenchArgs:
     preset: str = ""  # empty: gpt2 on CUDA, tiny elsewhere
+    arch: str = "gpt2"  # model.arch: gpt2 | modern
     batch: int = 0  # micro-batch B; 0: 16 on CUDA, 4 elsewhere
     seq_len: int = 0  # T; 0: the preset's block_size
     steps: int = 0  # timed steps per rung; 0: 10 on CUDA, 3 elsewhere
@@ -259,7 +260,7 @@ def _trim_heap() -> None:
 def rung_config(overrides: dict, args: BenchArgs, data_dir: Path, run_dir: Path, peak: float) -> C.TrainConfig:
     B, T = args.batch, args.seq_len
     keys = {
-        "model.preset": args.preset, "data.dir": str(data_dir), "data.seq_len": T, "data.order": "sequential",
+        "model.preset": args.preset, "model.arch": args.arch, "data.dir": str(data_dir), "data.seq_len": T, "data.order": "sequential",
         "data.prefetch": 0, "optim.batch_tokens": B * T, "optim.micro_batch_size": B, "optim.warmup_steps": 1,
         "run.dir": str(run_dir), "run.max_steps": args.warmup + args.steps, "run.device": args.device,
         "run.eval_every": 0, "run.ckpt_every": 0, "run.peak_tflops": args.peak_tflops, "run.log": "none",
@@ -382,7 +383,7 @@ def run_ladder(args: BenchArgs, echo=print) -> dict:
             r.speedup = r.tokens_per_s / base.tokens_per_s
     return {
         "gptforge": __version__, "torch": torch.__version__, "device": str(device), "device_name": device_name(device),
-        "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": args.batch * args.seq_len,
+        "preset": args.preset, "arch": args.arch, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": args.batch * args.seq_len,
         "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_how, "peaks_tflops": peaks,
         "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "growth of process RSS (psutil)",
         "rungs": [asdict(r) for r in results],

@@ -35,11 +35,12 @@ from safetensors.torch import load_file, save_file
 from gptforge import __version__
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import atomic_dir, sha256_file
-from gptforge.model import GPT, GPTConfig
+from gptforge import arch
+from gptforge.arch import Config, Model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TIED = "lm_head.weight"  # same storage as transformer.wte.weight: not stored twice
+TIED = "lm_head.weight"  # when tied (GPT-2; modern with tie_embeddings): wte's storage, not stored twice
 SUMS = "SHA256SUMS"  # `cd DIR && sha256sum -c SHA256SUMS` checks a checkpoint without gptforge
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
 
@@ -125,12 +126,20 @@ def verify_dir(directory: str | Path) -> None:
     verify_files(directory, tuple(sums))
 
 
-def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """CPU, contiguous state dict without the tied duplicate and without non-persistent buffers."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
+def stored_keys(model: Model) -> dict[str, torch.Size]:
+    """name -> shape of every tensor a model file holds: the state dict less a tied head."""
+    skip = TIED if arch.tied(model) else None
+    return {k: v.shape for k, v in model.state_dict().items() if k != skip}
 
 
-def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None,
+def model_state_for_saving(model: Model) -> dict[str, torch.Tensor]:
+    """CPU, contiguous state dict without a tied duplicate and without non-persistent buffers
+    (an untied head is saved: it is a Parameter of its own)."""
+    skip = TIED if arch.tied(model) else None
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != skip}
+
+
+def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: Config, extra: dict | None = None,
                       tokenizer=None) -> None:
     """Write model.safetensors + config.json (+ the tokenizer: its record in config.json, a trained
     one's file beside them) into an existing directory (callers make it atomic)."""
@@ -217,7 +226,7 @@ def read_config(directory: str | Path) -> dict:
     return meta
 
 
-def load_state_checked(path: Path, model: GPT) -> dict[str, torch.Tensor]:
+def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
     """Read a safetensors file (checked against its directory's SHA256SUMS) and check every name
     and shape against `model`."""
     verify_files(Path(path).parent, (Path(path).name,))
@@ -231,10 +240,10 @@ def load_state_checked(path: Path, model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_matches(state: dict[str, torch.Tensor], model: GPT, where: str) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+def check_state_matches(state: dict[str, torch.Tensor], model: Model, where: str) -> None:
+    expected = stored_keys(model)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - {TIED})
+    unexpected = sorted(set(state) - set(expected) - ({TIED} if arch.tied(model) else set()))
     if missing or unexpected:
         raise GPTForgeError(f"{where}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in expected.items():
@@ -244,14 +253,14 @@ def check_state_matches(state: dict[str, torch.Tensor], model: GPT, where: str) 
             )
 
 
-def load_model(directory: str | Path, **config_overrides) -> GPT:
-    """Build the GPT described by config.json and load its weights (fp32, CPU)."""
+def load_model(directory: str | Path, **config_overrides) -> Model:
+    """Build the model (GPT-2 or modern, by its arch) described by config.json and load its weights (fp32, CPU)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise GPTForgeError(f"{directory}: not a directory; expected a gptforge checkpoint with {WEIGHTS} and {CONFIG}")
     meta = read_config(directory)
-    config = GPTConfig.from_dict({**meta["model"], **config_overrides})
-    model = GPT(config)
+    config = arch.config_from_dict({**meta["model"], **config_overrides})
+    model = arch.build_model(config)
     state = load_state_checked(directory / WEIGHTS, model)
     model.load_state_dict(state, strict=False)  # strict=False: the tied head is not stored
     return model

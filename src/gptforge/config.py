@@ -1,7 +1,8 @@
 """Run configuration: typed dataclasses, filled from defaults, then a TOML file, then the command line.
 
 Sections: `model` (which architecture: a preset plus overrides), `data`, `optim`, `run`.
-The architecture itself is `gptforge.model.GPTConfig`; `ModelArgs.gpt_config()` resolves it.
+The architecture itself is `gptforge.model.GPTConfig` or `gptforge.modern.ModernConfig` (model.arch);
+`ModelArgs.gpt_config()` resolves it.
 Unknown keys and wrong types are errors that list the valid keys. Each field's help (`arg(default,
 help)`, kept in the field's metadata) becomes the CLI help of `gptforge train --help`.
 """
@@ -22,9 +23,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gptforge.errors import GPTForgeError
+from gptforge.arch import ARCHS
 from gptforge.model import PRESETS, GPTConfig, preset
+from gptforge.modern import ModernConfig
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # what torch.optim.Muon's adjust_lr_fn accepts
 
 
 def arg(default, help: str):
@@ -40,22 +46,52 @@ class ModelArgs:
     n_embd: int | None = arg(None, "override the preset's width")
     block_size: int | None = arg(None, "override the preset's context length")
     dropout: float = arg(0.0, "dropout in attention, residual and embedding paths")
-    bias: bool = arg(True, "biases in Linear and LayerNorm (GPT-2: true)")
+    bias: bool | None = arg(None, "biases in Linear and LayerNorm; default: the arch's (gpt2: true, modern: false)")
     attention: str = arg("flash", "flash (scaled_dot_product_attention) | manual (explicit mask)")
     pad_vocab: bool = arg(False, "pad the vocabulary 50257 -> 50304 for faster matmuls")
     init_from: str = arg("", "start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs")
+    arch: str = arg("gpt2", "gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, softcap: gptforge.modern); the presets size both")
+    rope: bool | None = arg(None, "modern: rotary position embeddings (default true; false = learned positions)")
+    rope_base: float | None = arg(None, "modern: rotary base theta (default 10000)")
+    qk_norm: bool | None = arg(None, "modern: RMSNorm of each head's queries and keys (default true)")
+    norm: str | None = arg(None, "modern: rmsnorm (default) | layernorm")
+    mlp: str | None = arg(None, "modern: swiglu (default; hidden 8C/3 rounded to 64: the 4x MLP's params and FLOPs) | relu2 | gelu")
+    tie_embeddings: bool | None = arg(None, "modern: LM head tied to the token embedding (default false)")
+    zero_init: bool | None = arg(None, "modern: residual output projections initialized to zero (default true)")
+    softcap: float | None = arg(None, "modern: logits -> softcap * tanh(logits / softcap), 0 = off (default 15; 0 to export to Hugging Face)")
 
-    def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
+    def gpt_config(self, vocab_size: int = 50257) -> "GPTConfig | ModernConfig":
+        """The architecture these keys describe: a GPTConfig (arch gpt2) or a ModernConfig."""
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
-        return preset(
-            self.preset,
+        if self.arch not in ARCHS:
+            raise GPTForgeError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        modern_keys = {k: getattr(self, k) for k in MODERN_KEYS if getattr(self, k) is not None}
+        if self.arch == "gpt2":
+            if modern_keys:
+                raise GPTForgeError(f"model.{next(iter(modern_keys))} applies to model.arch modern only (model.arch is gpt2)")
+            return preset(
+                self.preset,
+                vocab_size=vocab_size,
+                dropout=self.dropout,
+                bias=True if self.bias is None else self.bias,
+                attention=self.attention,
+                pad_vocab=self.pad_vocab,
+                **overrides,
+            )
+        if self.preset not in PRESETS:
+            raise GPTForgeError(f"unknown model preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        return ModernConfig(
+            **{**PRESETS[self.preset], **overrides},
             vocab_size=vocab_size,
             dropout=self.dropout,
-            bias=self.bias,
+            bias=False if self.bias is None else self.bias,
             attention=self.attention,
             pad_vocab=self.pad_vocab,
-            **overrides,
-        )
+            **modern_keys,
+        ).validate()
+
+
+MODERN_KEYS = ("rope", "rope_base", "qk_norm", "norm", "mlp", "tie_embeddings", "zero_init", "softcap")  # ModelArgs keys of arch modern only
 
 
 @dataclass
@@ -73,9 +109,18 @@ class OptimArgs:
     batch_tokens: int = arg(4096, "tokens per optimizer step across all ranks and micro-steps")
     micro_batch_size: int = arg(0, "sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device")
     lr: float = arg(6e-4, "peak learning rate (the default by benchmarks/sweep_lr.py: 2e-3 and 1e-3 spike early)")
-    min_lr_ratio: float = arg(0.1, "final LR = lr * min_lr_ratio after cosine decay")
+    min_lr_ratio: float = arg(0.1, "final LR = lr * min_lr_ratio after the decay (cosine or WSD's linear)")
     warmup_steps: int = arg(10, "linear warmup steps")
-    decay_steps: int = arg(0, "cosine decay ends here; 0 = run.max_steps")
+    decay_steps: int = arg(0, "the decay ends here; 0 = run.max_steps")
+    schedule: str = arg("cosine", "cosine (warmup, then cosine decay) | wsd (warmup, flat, then linear decay over the last decay_frac of the steps)")
+    decay_frac: float = arg(0.2, "wsd: the fraction of the steps (up to decay_steps) that decays linearly to lr * min_lr_ratio")
+    name: str = arg("auto", "auto (muon for model.arch modern, adamw for gpt2) | adamw | muon (Muon for the 2-D matrices of the blocks, AdamW for embeddings, head, gains and biases)")
+    muon_lr: float = arg(0.02, "muon: peak learning rate of the Muon matrices (scheduled like optim.lr)")
+    muon_momentum: float = arg(0.95, "muon: Muon's (Nesterov) momentum")
+    muon_weight_decay: float = arg(0.0, "muon: Muon's decoupled weight decay (scaled by its lr)")
+    muon_adjust_lr: str = arg("original", "muon: torch's adjust_lr_fn: original (sqrt(max(1, rows/cols))) | match_rms_adamw (0.2 * sqrt(max(rows, cols)))")
+    embed_lr: float = arg(0.0, "muon: peak learning rate of wte/wpe (AdamW); 0 = optim.lr")
+    head_lr: float = arg(0.0, "muon: peak learning rate of an untied lm_head.weight (AdamW); 0 = optim.lr")
     weight_decay: float = arg(0.1, "applied to >=2-D parameters only")
     beta1: float = arg(0.9, "AdamW beta1 (momentum)")
     beta2: float = arg(0.95, "AdamW beta2 (second-moment decay)")
@@ -327,6 +372,25 @@ def validate(cfg: TrainConfig) -> None:
         p.append("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         p.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+    if o.name not in ("auto", *OPTIMIZERS):
+        p.append(f"optim.name must be one of auto, {', '.join(OPTIMIZERS)}, got {o.name!r}")
+    elif optimizer_name(cfg) == "muon" and r.dist == "fsdp":
+        p.append("optim.name muon does not run under run.dist fsdp (Muon orthogonalizes whole matrices and an FSDP2 "
+                 "shard is not one): use --run.dist ddp, or --optim.name adamw")
+    if o.schedule not in SCHEDULES:
+        p.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    if not 0 <= o.decay_frac <= 1:
+        p.append(f"optim.decay_frac must be in [0, 1], got {o.decay_frac}")
+    if not (o.muon_lr > 0 and math.isfinite(o.muon_lr)):
+        p.append(f"optim.muon_lr must be a positive number, got {o.muon_lr}")
+    for name in ("embed_lr", "head_lr", "muon_weight_decay"):
+        value = getattr(o, name)
+        if not (value >= 0 and math.isfinite(value)):
+            p.append(f"optim.{name} must be a number >= 0{' (0 = optim.lr)' if name.endswith('_lr') else ''}, got {value}")
+    if not 0 <= o.muon_momentum < 1:
+        p.append(f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
+    if o.muon_adjust_lr not in MUON_ADJUST_LR:
+        p.append(f"optim.muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR)}, got {o.muon_adjust_lr!r}")
     if o.fused not in ("auto", "on", "off"):
         p.append(f"optim.fused must be auto, on or off, got {o.fused!r}")
     if o.spike_k <= 0 or o.spike_window < 2 or o.spike_max_skips < 1 or not 0 < o.spike_lr_factor <= 1:
@@ -354,6 +418,14 @@ def validate(cfg: TrainConfig) -> None:
             p.append(f"data.seq_len ({d.seq_len}) exceeds the model's block_size ({block})")
     if p:
         raise GPTForgeError("invalid config: " + "; ".join(p))
+
+
+def optimizer_name(cfg: TrainConfig) -> str:
+    """The optimizer this run uses: optim.name, where `auto` is the architecture's own (Muon for
+    the modern recipe, whose defaults were measured with it; AdamW for GPT-2, as in 2019)."""
+    if cfg.optim.name == "auto":
+        return "muon" if cfg.model.arch == "modern" else "adamw"
+    return cfg.optim.name
 
 
 @dataclass(frozen=True)

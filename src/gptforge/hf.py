@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 interop: read HF checkpoints into a GPT, write a GPT as an HF directory.
+"""Hugging Face interop: read HF checkpoints into a GPT, write a GPT as an HF directory; the
+modern model as Qwen3 / Llama goes through the same functions (its names: gptforge.hf_modern).
 
 Our parameter names are HF's (`transformer.h.N.attn.c_attn.weight`, ...), so both directions
 are one loop with two differences: HF's Conv1D stores Linear weights as (in, out), so c_attn,
@@ -21,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptforge import checkpoint
+from gptforge import arch, checkpoint, hf_modern
+from gptforge.arch import Config, Model
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import atomic_dir
 from gptforge.model import GPT, GPTConfig
@@ -122,7 +124,8 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 def config_from_hf(hf: dict, where: str) -> GPTConfig:
     """The GPTConfig of an HF GPT-2 config.json; variants GPT-2 does not have are refused."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise GPTForgeError(f"{where}: model_type is {hf.get('model_type')!r}; only 'gpt2' checkpoints can be loaded")
+        raise GPTForgeError(f"{where}: model_type is {hf.get('model_type')!r}; only 'gpt2' (GPT-2) and, "
+                            "for the modern model, 'qwen3' and 'llama' checkpoints can be loaded")
     problems = []
     for key in ("n_embd", "n_layer", "n_head", "vocab_size"):
         if not isinstance(hf.get(key), int):
@@ -194,7 +197,7 @@ def _shapes_model(config: GPTConfig) -> dict[str, torch.Tensor]:
         return GPT(config).state_dict()
 
 
-def _adapt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def _adapt(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     """Fit stored embeddings to `config`: pad or unpad the vocabulary rows, crop positions."""
     state = dict(state)
     wte = state.get("transformer.wte.weight")
@@ -203,21 +206,26 @@ def _adapt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch
         if V > wte.size(0):  # padded rows are never a prediction (the model slices logits)
             wte = torch.cat([wte, wte.new_zeros(V - wte.size(0), wte.size(1))])
         state["transformer.wte.weight"] = wte[:V].contiguous()
+    head = state.get(checkpoint.TIED)  # an untied head (modern) has the embedding's rows
+    if head is not None and head.dim() == 2 and head.size(0) != V and head.size(0) >= config.vocab_size:
+        if V > head.size(0):
+            head = torch.cat([head, head.new_zeros(V - head.size(0), head.size(1))])
+        state[checkpoint.TIED] = head[:V].contiguous()
     wpe = state.get("transformer.wpe.weight")
     if wpe is not None and wpe.dim() == 2 and wpe.size(0) > config.block_size:
         state["transformer.wpe.weight"] = wpe[: config.block_size].contiguous()  # crop the context
     return state
 
 
-def _build(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -> GPT:
-    model = GPT(config)
+def _build(config: Config, state: dict[str, torch.Tensor], where: str) -> Model:
+    model = arch.build_model(config)
     state = _adapt(state, config)
     checkpoint.check_state_matches(state, model, where)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)  # tied head not stored
     return model.eval()
 
 
-def _apply_overrides(config: GPTConfig, overrides: dict, where: str) -> GPTConfig:
+def _apply_overrides(config: Config, overrides: dict, where: str) -> Config:
     bad = sorted(set(overrides) - set(LOAD_OVERRIDES))
     if bad:
         raise GPTForgeError(
@@ -228,7 +236,7 @@ def _apply_overrides(config: GPTConfig, overrides: dict, where: str) -> GPTConfi
         raise GPTForgeError(
             f"block_size override {overrides['block_size']} exceeds the checkpoint's {config.block_size} (it can only be cropped)"
         )
-    return GPTConfig.from_dict({**config.to_dict(), **overrides})
+    return arch.replace(config, **overrides)
 
 
 def locate(source: str | os.PathLike) -> Path:
@@ -254,13 +262,15 @@ def _read_meta(path: Path) -> dict:
     return _read_json(path / "config.json")
 
 
-def source_config(source: str | os.PathLike) -> GPTConfig:
+def source_config(source: str | os.PathLike) -> Config:
     """The architecture stored at `source` (what load_pretrained builds without overrides),
     read from its config.json alone: no weights are loaded."""
     path = locate(source)
     meta = _read_meta(path)
     if isinstance(meta.get("model"), dict):  # gptforge's native format
-        return GPTConfig.from_dict(checkpoint.read_config(path)["model"])
+        return arch.config_from_dict(checkpoint.read_config(path)["model"])
+    if hf_modern.is_modern_hf(meta):  # Qwen3 / Llama: the modern model
+        return hf_modern.config_from_hf(meta, str(path / "config.json"))
     return config_from_hf(meta, str(path / "config.json"))
 
 
@@ -282,7 +292,7 @@ def tokenizer_of(source: str | os.PathLike):
                         "GPT-2's: which tokenizer its ids mean is unknown")
 
 
-def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
+def load_pretrained(source: str | os.PathLike, **overrides) -> Model:
     """A GPT from a gptforge checkpoint directory, a run directory (its newest checkpoint), a local
     Hugging Face GPT-2 directory, or a hub name (gpt2 ... gpt2-xl, needs network). Overrides:
     pad_vocab, dropout, attention, block_size (a crop). Weights are fp32 on the CPU, eval mode."""
@@ -294,7 +304,7 @@ def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
             return checkpoint.load_model(path).eval()
         meta = checkpoint.read_config(path)
         where = str(path / checkpoint.WEIGHTS)
-        base = GPTConfig.from_dict(meta["model"])
+        base = arch.config_from_dict(meta["model"])
         config = _apply_overrides(base, overrides, str(path))
         try:
             state = load_file(str(path / checkpoint.WEIGHTS))
@@ -303,6 +313,11 @@ def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
         except (SafetensorError, OSError, ValueError) as e:
             raise GPTForgeError(f"{where}: not a readable safetensors file ({e})") from e
         return _build(config, state, where)
+    if hf_modern.is_modern_hf(meta):  # Qwen3 / Llama: the modern model
+        base = hf_modern.config_from_hf(meta, str(path / "config.json"))
+        config = _apply_overrides(base, overrides, str(path))
+        state = hf_modern.hf_to_native(read_hf_weights(path), base, str(path))
+        return _build(config, state, str(path))
     base = config_from_hf(meta, str(path / "config.json"))
     config = _apply_overrides(base, overrides, str(path))
     state = _hf_to_native(read_hf_weights(path), base, str(path))
@@ -395,7 +410,7 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
     vocabulary). Atomic: OUT appears complete or not at all."""
     from gptforge import tokenizer as tk
 
-    if isinstance(model_or_ckpt_dir, GPT):
+    if arch.is_model(model_or_ckpt_dir):
         model = model_or_ckpt_dir
         if tokenizer is None and model.config.vocab_size == tk.N_VOCAB:
             tokenizer = tk.Tokenizer()
@@ -409,13 +424,17 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
-    state = hf_state_dict(model)
-    dtype = state["transformer.wte.weight"].dtype
     c = model.config
+    if isinstance(c, GPTConfig):
+        state = hf_state_dict(model)
+        config_json = hf_config(c, state["transformer.wte.weight"].dtype, eot)
+    else:  # the modern model: as Qwen3 (or Llama without QK-norm); refused if no HF architecture computes it
+        state = hf_modern.hf_state_dict(model)
+        config_json = hf_modern.hf_config(c, state["model.embed_tokens.weight"].dtype, eot)
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(c, dtype, eot))
+        _write_json(tmp / "config.json", config_json)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         if tokenizer is not None and tokenizer.trained:
             for name, data in tokenizer.hf_files(c.block_size).items():

@@ -53,18 +53,28 @@ class HeadLoss:
         if self.reduction not in ("mean", "none"):
             raise GPTForgeError(f"LM-head loss reduction must be 'mean' or 'none', got {self.reduction!r}")
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
+                 softcap: float = 0.0):
         """x (B, T, C) final hidden states, weight (V_padded, C) the LM head, targets (B, T) with -1
-        = not scored -> (logits (B, T, vocab) or None on the fused path, loss)."""
+        = not scored -> (logits (B, T, vocab) or None on the fused path, loss). softcap > 0: the
+        logits are softcap * tanh(logits / softcap) (the modern model's), on both paths."""
         B, T, C = x.shape
         if self.path == "fused":
             head = (x.reshape(B * T, C), weight, targets.reshape(-1), vocab, self.rows, self.block_rows)
             if self.reduction == "none":
-                return None, lm_head_token_losses(*head).view(B, T)
-            return None, _fused_lm_loss(*head, self.compiled)
-        logits = F.linear(x, weight)[..., :vocab]  # (B, T, V): padded columns are never a prediction
+                return None, lm_head_token_losses(*head, softcap=softcap).view(B, T)
+            return None, _fused_lm_loss(*head, self.compiled, softcap)
+        logits = softcap_logits(F.linear(x, weight)[..., :vocab], softcap)  # (B, T, V): padded columns never predicted
         loss = _maybe_compiled(_plain_loss, self.compiled)(logits, targets, self.reduction)
         return logits, loss if self.reduction == "mean" else loss.view(B, T)
+
+
+def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded in (-cap, cap), near-identity for small ones; cap 0 = as is."""
+    return logits if not cap else cap * torch.tanh(logits / cap)
+
+
+softcap = softcap_logits  # the name the models import
 
 
 def _plain_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -135,7 +145,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     CHUNK_ELEMENTS = 1 << 26  # logits per matmul chunk when the caller does not say: 256 MB of fp32
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0, compiled: bool = False):
+    def forward(ctx, x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0, compiled: bool = False,
+                softcap: float = 0.0):
         # x (N, C), weight (V_padded, C), targets (N,) with -1 = not scored
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -154,17 +165,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if store and need_w else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
             if compiled:
-                _compiled_chunks(x, weight, t, valid, vocab, rows, None, grad_x, grad_w, loss_sum)
+                _compiled_chunks(x, weight, t, valid, vocab, rows, None, grad_x, grad_w, loss_sum, softcap)
             else:
                 for a in range(0, N, rows):
                     b = min(N, a + rows)
                     logits = x[a:b] @ weight.t()  # (n, V_padded): becomes the chunk's gradient
-                    loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store)
+                    loss_sum += _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=store, softcap=softcap)
                     if store:
                         _add_chunk_grads(logits, x[a:b], weight, grad_x, grad_w, a)
                     del logits  # before the next chunk's matmul: one chunk alive at a time
         ctx.backward_done = False
-        ctx.sizes, ctx.recompute, ctx.compiled = (vocab, rows, block_rows), recompute, compiled
+        ctx.sizes, ctx.recompute, ctx.compiled, ctx.softcap = (vocab, rows, block_rows), recompute, compiled, softcap
         if recompute:
             ctx.save_for_backward(x, weight, targets, count)
         else:
@@ -181,7 +192,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = grad_loss.float() / count
             gx = grad_x.mul_(scale).to(ctx.dtypes[0]) if grad_x is not None else None
             gw = grad_w.mul_(scale).to(ctx.dtypes[1]) if grad_w is not None else None
-            return gx, gw, None, None, None, None, None
+            return gx, gw, None, None, None, None, None, None
         x, weight, targets, count = ctx.saved_tensors  # fp16: recompute, scaled before the cast
         vocab, rows, block_rows = ctx.sizes
         scale = grad_loss.float() / count  # GradScaler's factor included: no underflow
@@ -192,19 +203,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
             gw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
             if ctx.compiled:
-                _compiled_chunks(x, weight, t, valid, vocab, rows, scale, gx, gw)
+                _compiled_chunks(x, weight, t, valid, vocab, rows, scale, gx, gw, softcap=ctx.softcap)
             else:
                 for a in range(0, N, rows):
                     b = min(N, a + rows)
                     logits = x[a:b] @ weight.t()
-                    _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale)
+                    _chunk_loss(logits, t[a:b], valid[a:b], vocab, block_rows, grad=True, scale=scale, softcap=ctx.softcap)
                     _add_chunk_grads(logits, x[a:b], weight, gx, gw, a)
                     del logits
         return (gx.to(ctx.dtypes[0]) if gx is not None else None,
-                gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None, None)
+                gw.to(ctx.dtypes[1]) if gw is not None else None, None, None, None, None, None, None)
 
 
-def _chunk_step(x, weight, t, valid, vocab: int, scale, need_x: bool, need_w: bool):
+def _chunk_step(x, weight, t, valid, vocab: int, scale, need_x: bool, need_w: bool, softcap: float = 0.0):
     """One chunk of LinearCrossEntropy as one graph (what is compiled): x (n, C) and weight
     (V_padded, C) in the compute dtype, t (n, 1) targets clamped to >= 0, valid (n,) ->
     (summed loss of the valid rows, d(sum)/dx (n, C) fp32 or None, this chunk's share of
@@ -212,6 +223,9 @@ def _chunk_step(x, weight, t, valid, vocab: int, scale, need_x: bool, need_w: bo
     arithmetic of _chunk_loss + _add_chunk_grads, written as whole-chunk ops for the compiler."""
     logits = x @ weight.t()  # (n, V_padded)
     z = logits[:, :vocab].float()  # (n, V)
+    if softcap:
+        th = torch.tanh(z / softcap)
+        z = softcap * th
     lse = torch.logsumexp(z, dim=1)  # (n,)
     loss = ((lse - z.gather(1, t).squeeze(1)) * valid).sum()
     if not (need_x or need_w):
@@ -220,20 +234,23 @@ def _chunk_step(x, weight, t, valid, vocab: int, scale, need_x: bool, need_w: bo
     hit = torch.arange(vocab, device=z.device).unsqueeze(0) == t  # (n, V): the one-hot
     keep = valid.unsqueeze(1).to(z.dtype)  # (n, 1): ignored rows get no gradient
     g = (p - hit.to(z.dtype)) * (keep if scale is None else keep * scale)
+    if softcap:
+        g = g * (1 - th * th)  # d(softcap * tanh(l / softcap)) / dl
     g = F.pad(g, (0, weight.size(0) - vocab)).to(logits.dtype)  # (n, V_padded): padded columns 0
     gx = (g @ weight).float() if need_x else None  # (n, C)
     gw = (g.t() @ x).float() if need_w else None  # (V_padded, C)
     return loss, gx, gw
 
 
-def _compiled_chunks(x, weight, t, valid, vocab: int, rows: int, scale, grad_x, grad_w, loss_sum=None) -> None:
+def _compiled_chunks(x, weight, t, valid, vocab: int, rows: int, scale, grad_x, grad_w, loss_sum=None,
+                     softcap: float = 0.0) -> None:
     """Every chunk of `rows` rows through the compiled _chunk_step: its loss added to loss_sum,
     its gradients written to grad_x / added to grad_w (the buffers that are not None)."""
     step = _compile(_chunk_step, COMPILE_BACKEND)
     need_x, need_w = grad_x is not None, grad_w is not None
     for a in range(0, x.size(0), rows):
         b = min(x.size(0), a + rows)
-        loss, gx, gw = step(x[a:b], weight, t[a:b], valid[a:b], vocab, scale, need_x, need_w)
+        loss, gx, gw = step(x[a:b], weight, t[a:b], valid[a:b], vocab, scale, need_x, need_w, softcap)
         if loss_sum is not None:
             loss_sum += loss
         if need_x:
@@ -268,14 +285,18 @@ def _chunk_sizes(rows: int, block_rows: int, padded_vocab: int) -> tuple[int, in
     return rows, min(rows, block_rows)
 
 
-def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale=None) -> torch.Tensor:
+def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale=None, softcap: float = 0.0) -> torch.Tensor:
     """Summed loss of a chunk's rows; with grad, turns logits (n, V_padded) in place into
-    (softmax - one-hot) * valid (* scale), zero in the padded columns."""
+    (softmax - one-hot) * valid (* scale), zero in the padded columns. softcap > 0: of the capped
+    logits c = softcap * tanh(l / softcap), the gradient times dc/dl = 1 - tanh^2."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
     for a in range(0, logits.size(0), block_rows):
         b = min(logits.size(0), a + block_rows)
         block = logits[a:b]  # (n, V_padded)
         z = block[:, :vocab].float()  # (n, V): a view in fp32, a copy in bf16/fp16
+        if softcap:
+            th = torch.tanh(z / softcap)  # (n, V): kept for the gradient
+            z.copy_(th).mul_(softcap)
         lse = torch.logsumexp(z, dim=1)  # (n,)
         loss_sum += ((lse - z.gather(1, t[a:b]).squeeze(1)) * valid[a:b]).sum()
         if grad:
@@ -283,13 +304,16 @@ def _chunk_loss(logits, t, valid, vocab: int, block_rows: int, grad: bool, scale
             z.scatter_add_(1, t[a:b], -torch.ones_like(z[:, :1]))  # - one-hot
             keep = valid[a:b, None].to(z.dtype)  # (n, 1): ignored rows get no gradient
             z.mul_(keep if scale is None else keep * scale)
+            if softcap:
+                z.mul_(th.mul_(th).neg_().add_(1.0))
             if z.data_ptr() != block.data_ptr():
                 block[:, :vocab].copy_(z)
             block[:, vocab:].zero_()  # padded columns: never a prediction
     return loss_sum
 
 
-def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0) -> torch.Tensor:
+def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_rows: int = 0,
+                         softcap: float = 0.0) -> torch.Tensor:
     """cross_entropy(x @ weight.T [:, :vocab], targets, reduction="none", ignore_index=-1): (N,)
     fp32, 0 where ignored, computed `rows` rows at a time so that without grad (evaluation) no
     more than one chunk of logits and its fp32 copy ever exist."""
@@ -302,7 +326,7 @@ def lm_head_token_losses(x, weight, targets, vocab: int, rows: int = 0, block_ro
         for a in range(0, x.size(0), rows):
             logits = x[a : a + rows] @ weight.t()  # (n, V_padded)
             for i in range(0, logits.size(0), block_rows):
-                z = logits[i : i + block_rows, :vocab].float()  # (m, V)
+                z = softcap_logits(logits[i : i + block_rows, :vocab].float(), softcap)  # (m, V)
                 out.append(F.cross_entropy(z, targets[a + i : a + i + z.size(0)], ignore_index=-1, reduction="none"))
             del logits, z  # before the next chunk's matmul: one chunk alive at a time
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float32)

@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench.png (tokens/s per rung) to --out.",
     )
     add_shared(p, "preset", default="", help="model preset (default: gpt2 on CUDA, tiny elsewhere)")
+    p.add_argument("--model.arch", dest="arch", default="gpt2", choices=["gpt2", "modern"],
+                   help="architecture (default gpt2; modern: gptforge.modern)")
     p.add_argument("--batch", type=int, default=0, help="micro-batch size B (default: 16 on CUDA, 4 elsewhere)")
     p.add_argument("--seq-len", type=int, default=0, help="sequence length T (default: the preset's block_size)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per rung (default: 10 on CUDA, 3 elsewhere)")
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     from gptforge.bench import BenchArgs, format_table, run_ladder, write_outputs
 
     a = build_parser().parse_args(argv)
-    args = BenchArgs(preset=a.preset, batch=a.batch, seq_len=a.seq_len, steps=a.steps, warmup=a.warmup,
+    args = BenchArgs(preset=a.preset, arch=a.arch, batch=a.batch, seq_len=a.seq_len, steps=a.steps, warmup=a.warmup,
                      device=a.device, out=a.out, peak_tflops=a.peak_tflops, skip=tuple(a.skip),
                      threads=a.threads)
     report = run_ladder(args)

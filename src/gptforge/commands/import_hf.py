@@ -1,5 +1,6 @@
 """`gptforge import-hf SRC --out CKPT`: read a Hugging Face GPT-2 (a local directory, or a hub
-name gpt2 ... gpt2-xl when online) into a gptforge checkpoint directory."""
+name gpt2 ... gpt2-xl when online), or a Qwen3 / Llama directory the modern model computes (as
+`export --to-hf` writes them), into a gptforge checkpoint directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptforge import-hf", description=__doc__.splitlines()[0])
-    p.add_argument("src", metavar="SRC", help="Hugging Face GPT-2 directory, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    p.add_argument("src", metavar="SRC", help="Hugging Face GPT-2 / Qwen3 / Llama directory, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
     p.add_argument("--out", metavar="CKPT", required=True, help="output checkpoint directory")
     p.add_argument("--pad-vocab", action="store_true", help="pad the vocabulary 50257 -> 50304 for faster matmuls")
     p.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")

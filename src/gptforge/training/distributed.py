@@ -32,8 +32,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from gptforge.arch import tied
 from gptforge.checkpoint import TIED, model_state_for_saving
 from gptforge.errors import GPTForgeError
+from gptforge.loss import unwrap
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,8 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(_resharded(model), options=_full_options(cpu_offload=True))
-    return {k: v.contiguous() for k, v in state.items() if k != TIED}
+    skip = TIED if tied(unwrap(model)) else None  # an untied head (modern) is saved
+    return {k: v.contiguous() for k, v in state.items() if k != skip}
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -288,7 +291,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = dict(state)
-    if TIED not in state and "transformer.wte.weight" in state:
+    if TIED not in state and "transformer.wte.weight" in state and tied(unwrap(model)):
         state[TIED] = state["transformer.wte.weight"]
     set_model_state_dict(_resharded(model), state, options=_full_options())
 

@@ -17,7 +17,7 @@ import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig, per_rank_sequences
+from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, set_head_loss
@@ -25,7 +25,7 @@ from gptforge.measure import best_peak_tflops, choose_lm_head_loss, cpu_matmul_r
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.metrics import Reporter
-from gptforge.training.optim import lr_at, make_optimizer, set_lr
+from gptforge.training.optim import describe, lr_at, make_optimizer, set_lr
 from gptforge.training.spike import SpikeGuard
 
 
@@ -132,7 +132,7 @@ class Trainer:
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
                                         activation_checkpointing=cfg.run.activation_checkpointing,
                                         compile=cfg.run.compile)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg))
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
         # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
@@ -188,6 +188,13 @@ class Trainer:
                 f"{path}: checkpoint architecture {saved_model} differs from the configured {self.model.config}"
             )
         state = ckpt.load_train_state(path)
+        saved_kinds = [g.get("kind") for g in state["optimizer"].get("param_groups", [])]
+        kinds = [g.get("kind") for g in self.optimizer.param_groups]
+        if saved_kinds != kinds:  # MuonAdamW's groups are tagged with their kind, plain AdamW's not
+            was, now = ("muon" if any(k) else "adamw" for k in (saved_kinds, kinds))
+            raise GPTForgeError(f"{path}: the checkpoint's optimizer is {was} (groups {saved_kinds}), this run's is {now} "
+                                f"(groups {kinds}): resume with --optim.name {was}, or start anew from its weights "
+                                "with --model.init_from")
         distrib.load_model_state(self.model, load_state_checked(path / WEIGHTS, self.model))
         distrib.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state.get("scaler"):
@@ -244,7 +251,7 @@ class Trainer:
             synchronize(self.rt.device)
             t0 = time.perf_counter()
         lr = lr_at(self.step, cfg.optim, cfg.run.max_steps) * self.lr_scale
-        set_lr(self.optimizer, lr)
+        group_lrs = set_lr(self.optimizer, lr, cfg.optim)
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(plan.grad_accum_steps):
@@ -262,6 +269,8 @@ class Trainer:
         distrib.all_reduce_mean(loss_sum, self.env)
         skip, halted = self.verdict(loss_sum, grad_norm)
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
+        if "muon" in group_lrs:
+            row["muon_lr"] = group_lrs["muon"]
         self.queued.append((row, torch.stack([loss_sum, grad_norm.float(), skip.float(), halted.float()])))
         if not step_unless(self.optimizer, skip):  # the device could not decide: the host does
             if any(r is row and applied for r, applied in self.read_values()):
@@ -470,6 +479,7 @@ class Trainer:
             f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
             f"LM-head loss {self.head_choice.describe()}",
+            describe(self.optimizer, c.optim) + f" | schedule {c.optim.schedule}",
         ]
         return "\n".join(lines)
 

@@ -17,15 +17,19 @@ from pathlib import Path
 
 from gptforge.config import TrainConfig
 from gptforge.errors import GPTForgeError
-from gptforge.model import GPT, PRESETS, GPTConfig
+from gptforge import arch
+from gptforge.arch import Config, Model
+from gptforge.config import MODERN_KEYS
+from gptforge.model import PRESETS
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias")  # must agree with the source when the user set them
+# must agree with the source when the user set them (a GPT-2 source has arch "gpt2" and none of the modern keys)
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "arch", *MODERN_KEYS)
 
 
 def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistEnv, tokenizer=None,
-                  data_where: str = "the data") -> tuple[GPT, dict]:
+                  data_where: str = "the data") -> tuple[Model, dict]:
     """The raw model (CPU, fp32) a run starts from, and a record of where its weights came from
     (saved in the run's config under `resolved.weights`). `tokenizer` is the data's: a random
     model's vocabulary is its vocabulary, and a checkpoint or init_from source trained with
@@ -47,15 +51,15 @@ def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistE
         if isinstance(first, dict):  # how the resumed run itself began
             record["run_began_from"] = first.get("run_began_from", first)
         if cfg.model.init_from:  # the architecture is the checkpoint's, not the (default) preset's
-            config = GPTConfig.from_dict({**saved_model.to_dict(), "attention": cfg.model.attention})
-            return GPT(config), record
-        return GPT(cfg.model.gpt_config(vocab_size=vocab)), record
+            config = arch.replace(saved_model, attention=cfg.model.attention)
+            return arch.build_model(config), record
+        return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), record
     if not cfg.model.init_from:
-        return GPT(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
+        return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
     return _init_from(cfg, env, tokenizer, data_where)
 
 
-def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: str) -> tuple[GPT, dict]:
+def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: str) -> tuple[Model, dict]:
     from gptforge import hf
 
     source = cfg.model.init_from
@@ -70,14 +74,14 @@ def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: st
     tk.check_match(hf.tokenizer_of(path).identity(), f"model.init_from {source}", tokenizer.identity(), data_where)
     base = hf.source_config(path)
     overrides = check_against_source(cfg, base, source, tokenizer.vocab_size)
-    model = GPT.from_pretrained(str(path), **overrides)
+    model = hf.load_pretrained(str(path), **overrides)
     record = {"from": "init_from", "source": source, "path": str(path), "model": model.config.to_dict()}
     if model.config.block_size < base.block_size:
         record["cropped_block_size"] = [base.block_size, model.config.block_size]
     return model, record
 
 
-def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, vocab_size: int = 50257) -> dict:
+def check_against_source(cfg: TrainConfig, source_cfg: Config, source: str, vocab_size: int = 50257) -> dict:
     """The load overrides for `source`, after checking every user-set model.* key against its
     architecture (one error listing all contradictions)."""
     m, explicit = cfg.model, cfg.explicit
@@ -93,9 +97,9 @@ def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, v
         if f"model.{key}" in explicit and value is not None:
             configured[key] = (f"model.{key}", value)
     problems = [
-        f"{name} is {value!r} but {source} has {key} {getattr(source_cfg, key)!r}"
+        f"{name} is {value!r} but {source} has {key} {getattr(source_cfg, key, default_of(key))!r}"
         for key, (name, value) in configured.items()
-        if value != getattr(source_cfg, key)
+        if value != getattr(source_cfg, key, default_of(key))
     ]
     overrides = {"dropout": m.dropout, "attention": m.attention, "pad_vocab": m.pad_vocab}
     if "model.block_size" in explicit and m.block_size is not None:
@@ -111,7 +115,12 @@ def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, v
     return overrides
 
 
-def seq_len_for(cfg: TrainConfig, config: GPTConfig) -> int:
+def default_of(key: str):
+    """What a GPT-2 config stands for in a key it lacks: arch "gpt2", none of the modern switches."""
+    return "gpt2" if key == "arch" else None
+
+
+def seq_len_for(cfg: TrainConfig, config: Config) -> int:
     """data.seq_len, or the model's block_size; never longer than the model's context."""
     if cfg.data.seq_len > config.block_size:
         where = f" (from model.init_from {cfg.model.init_from})" if cfg.model.init_from else ""
