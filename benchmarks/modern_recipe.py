@@ -9,8 +9,10 @@ proves nothing); then, for each corpus:
 
     tokens  = baseline steps / the (interpolated) step where the modern run's val bpb first reaches
               the baseline's final val bpb
-    time    = the baseline's summed step time / the modern run's summed step time up to that step
-              (the trainer's own per-step dt_ms: evaluation and start-up are outside both)
+    time    = tokens x (the baseline's step time / the modern recipe's step time), the step times
+              measured side by side at the end (each recipe `--time-steps` steps, alternating,
+              twice; the median of the trainer's own dt_ms after the first 3 steps), so that the
+              ratio does not depend on how busy the machine was during the long runs
 
 and the ablation: the modern recipe with each component off (or swapped) in turn, val bpb at the
 same fixed budget, on the first corpus.
@@ -136,22 +138,40 @@ def reach(run_dir: Path, target: float) -> float | None:
     return None
 
 
-def step_seconds(run_dir: Path, upto: float) -> float:
-    """Summed trainer step time (s) of steps < upto (the fractional last step in proportion)."""
-    steps, _ = metrics(run_dir)
-    total = 0.0
-    for r in steps:
-        if r["step"] + 1 <= upto:
-            total += r["dt_ms"]
-        elif r["step"] < upto:
-            total += r["dt_ms"] * (upto - r["step"])
-    return total / 1000
+def step_time(name: str, data: Path, flags: list[str], out: Path, env: dict, steps: int) -> float:
+    """Median trainer step time (s) of a short run of these flags, after its first 3 steps."""
+    run_dir = out / "timing" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "gptforge", "train", "--data.dir", str(data), "--run.dir", str(run_dir), *flags,
+           "--run.max_steps", str(steps), "--run.eval_every", "0", "--run.eval_tokens", "4096"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    dts = sorted(r["dt_ms"] for r in metrics(run_dir)[0][3:])
+    return dts[len(dts) // 2] / 1000
 
 
-def common_flags(args) -> list[str]:
+def side_by_side(rows: list[dict], results: list[dict], args, env: dict) -> None:
+    """Step times of both recipes, alternating (gpt2, modern, gpt2, modern) on the first corpus."""
+    r, res = rows[0], results[0]
+    base = common_flags(args)
+    flags = {"gpt2": base + gpt2_flags(r["gpt2_lr"]), "modern": base + modern_flags(r["modern_lr"], args.adam_lr)}
+    times: dict[str, list[float]] = {"gpt2": [], "modern": []}
+    load0 = os.getloadavg()[0]
+    for _ in range(2):
+        for k in ("gpt2", "modern"):
+            times[k].append(step_time(k, res["data"], flags[k], args.out, env, args.time_steps))
+    g, m = min(times["gpt2"]), min(times["modern"])
+    print(f"\nstep time side by side (load {load0:.1f}-{os.getloadavg()[0]:.1f}): gpt2 {g * 1000:.0f} ms, "
+          f"modern {m * 1000:.0f} ms (each the faster of two runs' medians)")
+    for row in rows:
+        row["step_ratio"] = g / m
+        if row.get("tokens_ratio"):
+            row["time_ratio"] = row["tokens_ratio"] * g / m
+
+
+def common_flags(args, steps: int | None = None) -> list[str]:
     return ["--model.preset", "tiny", "--model.n_layer", str(args.layers), "--model.n_embd", str(args.width),
             "--model.n_head", str(max(1, args.width // 64)), "--optim.batch_tokens", str(args.batch_tokens),
-            "--run.max_steps", str(args.steps), "--run.eval_every", str(args.eval_every),
+            "--run.max_steps", str(steps or args.steps), "--run.eval_every", str(args.eval_every),
             "--run.eval_tokens", str(args.eval_tokens), "--run.ckpt_every", "0", "--run.sample_tokens", "0",
             "--optim.warmup_steps", str(args.warmup), *args.extra]
 
@@ -191,8 +211,6 @@ def compare(result: dict) -> dict:
            "gpt2": g, "modern": m}
     if at:
         row["tokens_ratio"] = g_steps / at
-        row["time_ratio"] = step_seconds(g, g_steps) / step_seconds(m, at)
-        row["gpt2_s"], row["modern_s"] = step_seconds(g, g_steps), step_seconds(m, at)
     return row
 
 
@@ -205,15 +223,15 @@ def print_tables(rows: list[dict], ablation: list[tuple[str, float]] | None, ful
     print("|---|---|---|---|---|---|")
     for r in rows:
         at = r["modern_steps_to_reach"]
-        ratio = (f"**{r['tokens_ratio']:.2f}x** | **{r['time_ratio']:.2f}x** ({r['gpt2_s']:.0f} s vs {r['modern_s']:.0f} s)"
-                 if at else "not reached | ")
+        ratio = (f"**{r['tokens_ratio']:.2f}x** | **{r['time_ratio']:.2f}x** (steps {r['step_ratio']:.2f}x as fast)"
+                 if at and "time_ratio" in r else f"**{r['tokens_ratio']:.2f}x** | -" if at else "not reached | -")
         print(f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
               f"{at:.0f} of {r['gpt2_steps']} | {ratio} |" if at else
               f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
               f"- | {ratio} |")
     if ablation:
         print(f"\nAblation ({rows[0]['corpus']}, the modern recipe's defaults: val bpb {full:.4f} after "
-              f"{args.steps} steps):\n")
+              f"{args.ablation_steps or args.steps} steps):\n")
         print("| change from the defaults | val bpb | vs the defaults |")
         print("|---|---|---|")
         for name, bpb in ablation:
@@ -245,7 +263,9 @@ def main() -> None:
     p.add_argument("--gpt2-lrs", nargs="*", default=["1e-3", "2e-3", "4e-3"])
     p.add_argument("--muon-lrs", nargs="*", default=["0.01", "0.02", "0.04"])
     p.add_argument("--adam-lr", default="4e-3", help="the modern recipe's AdamW part (embeddings, head, gains)")
+    p.add_argument("--time-steps", type=int, default=12, help="steps of each side-by-side timing run (0 = none)")
     p.add_argument("--ablations", nargs="*", default=None, help=f"names from: {', '.join(ABLATIONS)}")
+    p.add_argument("--ablation-steps", type=int, default=0, help="steps of each ablation run (0 = --steps)")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--plot", type=Path, default=None, help="write val bpb vs tokens of the compared runs here")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more gptforge train flags for every run, after --")
@@ -256,20 +276,23 @@ def main() -> None:
 
     results = [run_corpus(c, args, env) for c in args.corpora]
     rows = [compare(r) for r in results]
+    if rows and args.time_steps:
+        side_by_side(rows, results, args, env)
     ablation, full = None, None
     if not args.no_ablation and rows:
         r0, res0 = rows[0], results[0]
-        full = r0["modern_bpb"]
         names = args.ablations if args.ablations is not None else list(ABLATIONS)
-        base = common_flags(args) + modern_flags(r0["modern_lr"], args.adam_lr)
+        steps = args.ablation_steps or args.steps
+        base = common_flags(args, steps) + modern_flags(r0["modern_lr"], args.adam_lr)
+        print(f"{r0['corpus']}: ablation of the modern recipe at {steps} steps", flush=True)
+        full = final_bpb(train(f"{r0['corpus']}-ablate{steps}-defaults", res0["data"], base, args.out, env))
         ablation = []
-        print(f"{r0['corpus']}: ablation of the modern recipe", flush=True)
         for name in names:
             flags = list(ABLATIONS[name])
             if name == "adamw instead of muon":  # AdamW on every parameter at gpt2's tuned LR
                 flags += ["--optim.lr", r0["gpt2_lr"]]
             slug = name.split(" (")[0].replace(" ", "-")
-            run = train(f"{r0['corpus']}-ablate-{slug}", res0["data"], base + flags, args.out, env)
+            run = train(f"{r0['corpus']}-ablate{steps}-{slug}", res0["data"], base + flags, args.out, env)
             ablation.append((name, final_bpb(run)))
     print_tables(rows, ablation, full, args)
     if args.plot and rows:

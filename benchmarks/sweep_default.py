@@ -7,10 +7,12 @@ process on a fresh cache (GPTFORGE_CACHE=OUT/cache-NAME/, so the wall time inclu
 tokenizer, preparing the corpus and the precision probe, as a first `gptforge train` on a new
 machine does), timed from outside (`time gptforge train`). A setting is
 
-    TOKENIZER:MODEL:LR:STEPS      e.g. train:4096:mini:2e-3:300 or gpt2:tiny:6e-4:60
+    TOKENIZER:MODEL:LR:STEPS[:ARCH]      e.g. train:4096:mini:2e-3:300 or gpt2:tiny:6e-4:60:gpt2
 
 with TOKENIZER gpt2 or train:N (data.tokenizer), MODEL a preset or LxW (e.g. 4x256: that many
-layers of that width, heads of 64), LR the peak learning rate (optim.lr) and STEPS run.max_steps.
+layers of that width, heads of 64), LR the peak learning rate (optim.lr: under Muon, of the
+embeddings, head and gains), STEPS run.max_steps and ARCH modern (the default: the modern recipe
+with Muon) or gpt2 (GPT-2 with AdamW, the default run before the sweep).
 For every setting the table gives the wall time, the run's own val loss and val bpb (its
 tokenizer's val split, the first run.eval_tokens tokens of it) and the bpb on one common text
 for all: the first --common-chars characters of the corpus's first documents, which every
@@ -35,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_SETTINGS = ["gpt2:tiny:6e-4:60", "train:4096:mini:2e-3:300", "train:4096:tiny:1e-3:120"]
+DEFAULT_SETTINGS = ["gpt2:tiny:6e-4:60:gpt2", "train:4096:mini:2e-3:300:gpt2", "train:4096:mini:2e-3:300",
+                    "train:8192:mini:2e-3:300", "train:4096:6x384:2e-3:150"]
 BUDGET_S = 300
 
 
@@ -45,10 +48,11 @@ def parse_setting(text: str) -> dict:
         tok, parts = f"train:{parts[1]}", parts[2:]
     else:
         tok, parts = parts[0], parts[1:]
-    if len(parts) != 3:
-        raise SystemExit(f"setting {text!r}: expected TOKENIZER:MODEL:LR:STEPS")
-    model, lr, steps = parts
-    keys = {"data.tokenizer": tok, "optim.lr": lr, "run.max_steps": steps}
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"setting {text!r}: expected TOKENIZER:MODEL:LR:STEPS[:ARCH]")
+    model, lr, steps = parts[:3]
+    arch = parts[3] if len(parts) == 4 else "modern"
+    keys = {"data.tokenizer": tok, "optim.lr": lr, "run.max_steps": steps, "model.arch": arch}
     m = re.fullmatch(r"(\d+)x(\d+)", model)
     if m:
         layers, width = int(m.group(1)), int(m.group(2))
@@ -56,8 +60,8 @@ def parse_setting(text: str) -> dict:
                      "model.n_head": str(max(1, width // 64))})
     else:
         keys["model.preset"] = model
-    name = f"{tok.replace(':', '')}_{model}_lr{lr}_s{steps}"
-    return {"name": name, "tokenizer": tok, "model": model, "lr": lr, "steps": int(steps), "keys": keys}
+    name = f"{arch}_{tok.replace(':', '')}_{model}_lr{lr}_s{steps}"
+    return {"name": name, "tokenizer": tok, "model": model, "arch": arch, "lr": lr, "steps": int(steps), "keys": keys}
 
 
 def load() -> float:
@@ -137,7 +141,7 @@ def summarize(out: Path, common_chars: int) -> list[dict]:
         steps = [r for r in metrics if "dt_ms" in r]
         params = json.loads((run_dir / "config.json").read_text())
         rows.append({
-            **{k: rec["setting"][k] for k in ("name", "tokenizer", "model", "lr", "steps")},
+            **{k: rec["setting"].get(k, "gpt2") for k in ("name", "tokenizer", "model", "arch", "lr", "steps")},
             "wall_s": rec["wall_s"], "load": f"{rec['load_before']:.1f}-{rec['load_after']:.1f}",
             "step_s": sum(r["dt_ms"] for r in steps[1:]) / max(len(steps) - 1, 1) / 1000,
             "val_loss": vals[-1]["val_loss"], "val_bpb": vals[-1].get("val_bpb"),
@@ -148,11 +152,11 @@ def summarize(out: Path, common_chars: int) -> list[dict]:
 
 
 def print_table(rows: list[dict], common_chars: int) -> None:
-    print(f"\n| tokenizer | model | peak LR | steps | wall s (load) | s/step | val loss (nats/token) | val bpb | "
+    print(f"\n| arch | tokenizer | model | peak LR | steps | wall s (load) | s/step | val loss (nats/token) | val bpb | "
           f"bpb on the first {common_chars:,} chars |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokenizer']} ({r['vocab']:,}) | {r['model']} | {r['lr']} | {r['steps']} | {r['wall_s']:.0f} ({r['load']}) "
+        print(f"| {r['arch']} | {r['tokenizer']} ({r['vocab']:,}) | {r['model']} | {r['lr']} | {r['steps']} | {r['wall_s']:.0f} ({r['load']}) "
               f"| {r['step_s']:.2f} | {r['val_loss']:.3f} | {r['val_bpb']:.3f} | {r['common_bpb']:.3f} |")
     ok = [r for r in rows if r["wall_s"] <= BUDGET_S]
     if ok:

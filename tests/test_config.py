@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
 
 def test_configs_are_shipped():
-    assert {p.name for p in CONFIGS} >= {"tiny.toml", "gpt2-124m.toml", "gpt2-350m.toml"}
+    assert {p.name for p in CONFIGS} >= {"default.toml", "gpt2-124m.toml", "gpt2-350m.toml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -23,10 +23,10 @@ def test_every_shipped_config_parses_and_validates(path):
     assert plan.grad_accum_steps >= 1
 
 
-def test_defaults_are_tiny_toml():
-    """`gptforge train` with no arguments runs exactly configs/tiny.toml."""
-    tiny = C.resolve(Path(__file__).parent.parent / "configs" / "tiny.toml")
-    assert tiny == C.TrainConfig()
+def test_defaults_are_default_toml():
+    """`gptforge train` with no arguments runs exactly configs/default.toml."""
+    default = C.resolve(Path(__file__).parent.parent / "configs" / "default.toml")
+    assert default == C.TrainConfig()
 
 
 def test_gpt2_124m_is_the_build_nanogpt_recipe():
@@ -46,18 +46,18 @@ def test_packaged_configs_load_by_name_from_any_directory(tmp_path, monkeypatch)
     shipped = C.resolve(Path(__file__).parent.parent / "configs" / "gpt2-124m.toml")
     monkeypatch.chdir(tmp_path)  # no configs/ here
     assert C.resolve("gpt2-124m") == C.resolve("gpt2-124m.toml") == shipped
-    assert set(C.packaged_configs()) >= {"tiny", "gpt2-124m", "gpt2-350m", "finetune-gpt2"}
+    assert set(C.packaged_configs()) >= {"default", "gpt2-124m", "gpt2-350m", "finetune-gpt2"}
     cfg, _ = build_config(["--config", "gpt2-124m", "--run.max_steps", "5"])
     assert cfg.optim.batch_tokens == 524288 and cfg.run.max_steps == 5
     (tmp_path / "gpt2-124m.toml").write_text("[optim]\nlr = 1e-3\n")  # a file of that name here: it wins
     assert C.resolve("gpt2-124m.toml").optim.lr == 1e-3
     assert C.resolve("gpt2-124m").optim.lr == 6e-4  # a bare name that is no file: the packaged one
     with pytest.raises(GPTForgeError, match=r"^--config gpt2-125m: no such file; expected a TOML path or a packaged "
-                                            r"config: .*\bgpt2-124m, .*\btiny\b"):
+                                            r"config: .*\bdefault\b.*\bgpt2-124m\b"):
         build_config(["--config", "gpt2-125m"])
-    with pytest.raises(GPTForgeError, match=r"--config configs/tiny.toml: no such file \(a packaged config is named "
-                                            r"so: --config tiny\)"):
-        C.resolve("configs/tiny.toml")  # a path that is not there is not silently replaced
+    with pytest.raises(GPTForgeError, match=r"--config configs/default.toml: no such file \(a packaged config is named "
+                                            r"so: --config default\)"):
+        C.resolve("configs/default.toml")  # a path that is not there is not silently replaced
 
 
 def test_order_defaults_then_toml_then_overrides(tmp_path):

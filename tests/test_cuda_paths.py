@@ -77,7 +77,7 @@ def step_cfg(tmp_path, shards_dir, **overrides):
     """nano, 4 micro-batches of 2 per step, fp32 on the CPU, spike guard on."""
     from gptforge import config as C
 
-    keys = {"model.preset": "nano", "data.dir": str(shards_dir), "data.seq_len": "32", "data.prefetch": "0",
+    keys = {"model.preset": "nano", "model.arch": "gpt2", "data.dir": str(shards_dir), "data.seq_len": "32", "data.prefetch": "0",
             "optim.batch_tokens": "256", "optim.micro_batch_size": "2", "run.dir": str(tmp_path / "run"),
             "run.device": "cpu", "run.precision": "fp32", "run.peak_tflops": "1", "run.max_steps": "8",
             "optim.spike_guard": "on", **overrides}

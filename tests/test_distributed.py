@@ -32,7 +32,7 @@ TOL = 1e-5
 # nano GPT, 32-token sequences; 512 tokens per step = 2 accumulation micro-steps of 8 sequences
 # in all (so no_sync is exercised); shuffled data; a checkpoint mid-way
 NANO = {
-    "model.preset": "nano", "data.seq_len": "32", "data.prefetch": "0", "data.order": "shuffle",
+    "model.preset": "nano", "model.arch": "gpt2", "data.seq_len": "32", "data.prefetch": "0", "data.order": "shuffle",
     "optim.batch_tokens": "512", "optim.lr": "3e-3", "optim.warmup_steps": "2",
     "run.max_steps": str(STEPS), "run.ckpt_every": str(HALF), "run.device": "cpu", "run.precision": "fp32",
     "run.eval_every": "0", "run.eval_tokens": "1024", "run.sample_tokens": "4", "run.peak_tflops": "1.0",
@@ -229,8 +229,8 @@ def test_micro_batch_auto_under_fsdp(single, shards_dir, tmp_path):
 
 
 def test_default_config_on_two_ranks(shards_dir, tmp_path):
-    """The shipped default (tiny, 4096 tokens of 256, micro-batch auto) on 2 ranks: 8 sequences
-    per rank, where the old fixed 16 did not divide."""
+    """The shipped default (the modern recipe, mini, Muon, 4096 tokens of 256, micro-batch auto) on
+    2 ranks (DDP): 8 sequences per rank, where the old fixed 16 did not divide."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptforge",
            "train", "--data.dir", str(shards_dir), "--run.dir", str(run), "--run.device", "cpu", "--run.max_steps", "1",
@@ -238,7 +238,7 @@ def test_default_config_on_two_ranks(shards_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     p = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))
     saved = json.loads((run / "config.json").read_text())
-    assert saved["optim"]["micro_batch_size"] == 0 and saved["model"]["preset"] == "tiny"
+    assert saved["optim"]["micro_batch_size"] == 0 and saved["model"]["preset"] == "mini"
     size = saved["resolved"]["micro_batch"]["size"]
     assert 8 % size == 0 and f"= {size} seqs x 256 tokens x 2 ranks x {8 // size} accumulation steps" in p.stdout
 

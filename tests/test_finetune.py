@@ -73,7 +73,7 @@ def hf_dir(tmp_path_factory) -> Path:
 def nano_run(tmp_path_factory, shards_dir) -> Path:
     """A gptforge run directory: the nano preset, 2 steps from random init, block_size 64."""
     run = tmp_path_factory.mktemp("nano") / "run"
-    train(cfg_of(run, shards_dir, **{"model.preset": "nano", "run.max_steps": 2}), progress=False)
+    train(cfg_of(run, shards_dir, **{"model.preset": "nano", "model.arch": "gpt2", "run.max_steps": 2}), progress=False)
     return run
 
 
@@ -212,7 +212,7 @@ def test_auto_is_a_word_and_zero():
         C.resolve(None, [("optim.micro_batch_size", "-1")])
 
 
-NANO_AUTO = {"model.preset": "nano", "model.dropout": 0.1, "optim.batch_tokens": 8 * SEQ, "run.max_steps": 3,
+NANO_AUTO = {"model.preset": "nano", "model.arch": "gpt2", "model.dropout": 0.1, "optim.batch_tokens": 8 * SEQ, "run.max_steps": 3,
              "run.ckpt_every": 2}
 
 

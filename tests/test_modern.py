@@ -178,10 +178,11 @@ def test_model_args_dispatch_and_errors():
     mc = cfg.model.gpt_config()
     assert isinstance(mc, ModernConfig) and mc.mlp == "relu2" and mc.bias is False and mc.n_embd == 64
     assert isinstance(arch.build_model(mc), Modern)
-    gpt2 = C.resolve(None, [("model.preset", "nano")]).model.gpt_config()
+    assert isinstance(C.resolve(None, [("model.preset", "nano")]).model.gpt_config(), ModernConfig)  # the default
+    gpt2 = C.resolve(None, [("model.preset", "nano"), ("model.arch", "gpt2")]).model.gpt_config()
     assert type(gpt2).__name__ == "GPTConfig" and gpt2.bias is True and "arch" not in gpt2.to_dict()
     with pytest.raises(GPTForgeError, match=r"model.rope applies to model.arch modern only"):
-        C.resolve(None, [("model.rope", "false")])
+        C.resolve(None, [("model.arch", "gpt2"), ("model.rope", "false")])
     with pytest.raises(GPTForgeError, match=r"model.arch must be one of gpt2, modern"):
         C.resolve(None, [("model.arch", "llama")])
     with pytest.raises(GPTForgeError, match=r"model.norm must be one of rmsnorm, layernorm"):

@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 def muon_args(**kw) -> C.OptimArgs:
-    return C.OptimArgs(name="muon", **kw)
+    return C.OptimArgs(**{"name": "muon", "lr": 6e-4, **kw})  # the AdamW part at GPT-2's 6e-4
 
 
 def untied_nano() -> GPT:
@@ -200,11 +200,14 @@ def test_fsdp_with_muon_is_refused_naming_ddp():
 
 
 def test_auto_is_muon_for_the_modern_recipe_and_adamw_for_gpt2():
-    assert C.optimizer_name(C.resolve(None, [])) == "adamw"  # GPT-2 as in 2019
-    assert C.optimizer_name(C.resolve(None, [("model.arch", "modern")])) == "muon"
+    assert C.optimizer_name(C.resolve(None, [])) == "muon"  # the default run is the modern recipe's
+    assert C.optimizer_name(C.resolve(None, [("model.arch", "gpt2")])) == "adamw"  # GPT-2 as in 2019
     assert C.optimizer_name(C.resolve(None, [("model.arch", "modern"), ("optim.name", "adamw")])) == "adamw"
-    with pytest.raises(GPTForgeError, match="use --run.dist ddp"):  # auto's muon is refused under FSDP too
-        C.resolve(None, [("model.arch", "modern"), ("run.dist", "fsdp")])
+    # with init_from the model's arch is the source's, which the trainer passes
+    assert C.optimizer_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "adamw"
+    with pytest.raises(GPTForgeError, match=r"optim.name muon \(optim.name auto chose it for model.arch modern\) "
+                                            r"does not run under run.dist fsdp.*use --run.dist ddp"):
+        C.resolve(None, [("run.dist", "fsdp")])
 
 
 def test_muon_adjust_lr_choices_are_torchs():
@@ -214,7 +217,7 @@ def test_muon_adjust_lr_choices_are_torchs():
 
 # ------------------------------------------------------------------ the trainer
 NANO = {
-    "model.preset": "nano", "data.seq_len": "32", "data.prefetch": "0", "optim.batch_tokens": "256",
+    "model.preset": "nano", "model.arch": "gpt2", "data.seq_len": "32", "data.prefetch": "0", "optim.batch_tokens": "256",
     "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2", "optim.name": "muon",
     "run.max_steps": "6", "run.device": "cpu", "run.precision": "fp32", "run.eval_every": "0",
     "run.eval_tokens": "512", "run.ckpt_every": "3", "run.sample_tokens": "4", "run.peak_tflops": "1.0",

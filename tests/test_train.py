@@ -20,7 +20,7 @@ from gptforge.training.trainer import Trainer, train
 def small_cfg(run_dir: Path, data_dir: Path, **overrides) -> C.TrainConfig:
     """nano GPT, 32-token sequences, 2 micro-steps of 4 sequences per step, fp32 on CPU."""
     base = {
-        "model.preset": "nano", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
+        "model.preset": "nano", "model.arch": "gpt2", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
         "optim.batch_tokens": "256", "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2",
         "run.dir": str(run_dir), "run.max_steps": "6", "run.device": "cpu", "run.precision": "fp32",
         "run.eval_every": "0", "run.eval_tokens": "1024", "run.ckpt_every": "3", "run.sample_tokens": "8",
@@ -184,8 +184,8 @@ def test_resume_with_other_architecture_is_refused(tmp_path, shards_dir):
         train(small_cfg(run, shards_dir, **{"model.n_embd": 128}), resume="auto", progress=False)
 
 
-def test_default_tiny_config_runs_a_few_steps(tmp_path, shards_dir):
-    cfg = C.resolve(Path(__file__).parent.parent / "configs" / "tiny.toml", [
+def test_default_config_runs_a_few_steps(tmp_path, shards_dir):
+    cfg = C.resolve(Path(__file__).parent.parent / "configs" / "default.toml", [
         ("data.dir", str(shards_dir)), ("run.dir", str(tmp_path / "run")), ("run.max_steps", "2"),
         ("optim.batch_tokens", "1024"), ("optim.micro_batch_size", "2"), ("data.seq_len", "128"),
         ("run.eval_tokens", "512"), ("run.sample_tokens", "4"), ("run.peak_tflops", "1")])

@@ -303,7 +303,7 @@ def small_cfg(run_dir: Path, data_dir: Path, **overrides):
     from gptforge import config as C
 
     base = {
-        "model.preset": "nano", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
+        "model.preset": "nano", "model.arch": "gpt2", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
         "optim.batch_tokens": "256", "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2",
         "run.dir": str(run_dir), "run.max_steps": "4", "run.device": "cpu", "run.precision": "fp32",
         "run.eval_every": "0", "run.eval_tokens": "1024", "run.ckpt_every": "2", "run.sample_tokens": "8",
@@ -403,7 +403,7 @@ def test_ddp_two_gloo_ranks_with_a_trained_tokenizer(bpe_run, data_dir, tmp_path
     import sys
 
     run, res = bpe_run
-    cfg = {"model.preset": "nano", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
+    cfg = {"model.preset": "nano", "model.arch": "gpt2", "data.dir": str(data_dir), "data.seq_len": "32", "data.prefetch": "0",
            "optim.batch_tokens": "256", "optim.micro_batch_size": "2", "optim.lr": "3e-3", "optim.warmup_steps": "2",
            "run.dir": str(tmp_path / "ddp"), "run.max_steps": "4", "run.device": "cpu", "run.precision": "fp32",
            "run.eval_every": "0", "run.eval_tokens": "1024", "run.ckpt_every": "2", "run.sample_tokens": "8",

@@ -40,7 +40,7 @@ def arg(default, help: str):
 
 @dataclass
 class ModelArgs:
-    preset: str = arg("tiny", "named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    preset: str = arg("mini", "named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     n_layer: int | None = arg(None, "override the preset's number of blocks")
     n_head: int | None = arg(None, "override the preset's number of heads")
     n_embd: int | None = arg(None, "override the preset's width")
@@ -50,7 +50,7 @@ class ModelArgs:
     attention: str = arg("flash", "flash (scaled_dot_product_attention) | manual (explicit mask)")
     pad_vocab: bool = arg(False, "pad the vocabulary 50257 -> 50304 for faster matmuls")
     init_from: str = arg("", "start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs")
-    arch: str = arg("gpt2", "gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, softcap: gptforge.modern); the presets size both")
+    arch: str = arg("modern", "gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, softcap: gptforge.modern); the presets size both")
     rope: bool | None = arg(None, "modern: rotary position embeddings (default true; false = learned positions)")
     rope_base: float | None = arg(None, "modern: rotary base theta (default 10000)")
     qk_norm: bool | None = arg(None, "modern: RMSNorm of each head's queries and keys (default true)")
@@ -97,7 +97,7 @@ MODERN_KEYS = ("rope", "rope_base", "qk_norm", "norm", "mlp", "tie_embeddings", 
 @dataclass
 class DataArgs:
     dir: str = arg("", "directory of prepared shards; empty = the embedded python-stdlib corpus (prepared on first use)")
-    tokenizer: str = arg("gpt2", "the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with")
+    tokenizer: str = arg("train:4096", "the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with")
     seq_len: int = arg(0, "tokens per sequence T; 0 = the model's block_size")
     order: str = arg("shuffle", "shuffle (seeded permutation of windows each epoch) | sequential")
     prefetch: int = arg(2, "batches prepared ahead in a background thread (0 = off)")
@@ -108,9 +108,9 @@ class DataArgs:
 class OptimArgs:
     batch_tokens: int = arg(4096, "tokens per optimizer step across all ranks and micro-steps")
     micro_batch_size: int = arg(0, "sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device")
-    lr: float = arg(6e-4, "peak learning rate (the default by benchmarks/sweep_lr.py: 2e-3 and 1e-3 spike early)")
+    lr: float = arg(2e-3, "peak learning rate (AdamW; under muon, of the embeddings, head and gains); the default by benchmarks/modern_recipe.py")
     min_lr_ratio: float = arg(0.1, "final LR = lr * min_lr_ratio after the decay (cosine or WSD's linear)")
-    warmup_steps: int = arg(10, "linear warmup steps")
+    warmup_steps: int = arg(20, "linear warmup steps")
     decay_steps: int = arg(0, "the decay ends here; 0 = run.max_steps")
     schedule: str = arg("cosine", "cosine (warmup, then cosine decay) | wsd (warmup, flat, then linear decay over the last decay_frac of the steps)")
     decay_frac: float = arg(0.2, "wsd: the fraction of the steps (up to decay_steps) that decays linearly to lr * min_lr_ratio")
@@ -136,19 +136,19 @@ class OptimArgs:
 
 @dataclass
 class RunArgs:
-    dir: str = arg("runs/tiny", "run directory: config, metrics.jsonl, checkpoints/")
-    max_steps: int = arg(60, "optimizer steps")
+    dir: str = arg("runs/default", "run directory: config, metrics.jsonl, checkpoints/")
+    max_steps: int = arg(300, "optimizer steps")
     seed: int = arg(1337, "seeds python, numpy, torch and the data order")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = arg("auto", "fp32 | tf32 | bf16 | fp16 | auto (GPU: bf16 where supported; CPU: the faster of fp32 and bf16 by a cached matmul probe)")
     compile: bool = arg(False, "torch.compile the training forward/backward")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, ~1/3 more compute")
-    eval_every: int = arg(20, "steps between validation passes (0 = only at the end)")
+    eval_every: int = arg(100, "steps between validation passes (0 = only at the end)")
     eval_tokens: int = arg(32768, "validation tokens per pass (0 = the whole split)")
     sample_every: int = arg(0, "steps between short samples (0 = with every evaluation, and at the end)")
-    sample_tokens: int = arg(64, "tokens in each sample (0 = no samples, mid-run or at the end)")
-    sample_prompt: str = arg("\n", "the text the samples continue")
-    ckpt_every: int = arg(20, "steps between checkpoints (0 = only at the end)")
+    sample_tokens: int = arg(128, "tokens in each sample (0 = no samples, mid-run or at the end)")
+    sample_prompt: str = arg("class Parser:\n    def ", "the text the samples continue")
+    ckpt_every: int = arg(100, "steps between checkpoints (0 = only at the end)")
     keep_last: int = arg(3, "checkpoints kept")
     log_every: int = arg(1, "steps between metrics rows")
     peak_tflops: float = arg(0.0, "peak FLOP/s (in TFLOP/s) for MFU; 0 = GPU table or CPU probe")
@@ -374,9 +374,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
     if o.name not in ("auto", *OPTIMIZERS):
         p.append(f"optim.name must be one of auto, {', '.join(OPTIMIZERS)}, got {o.name!r}")
-    elif optimizer_name(cfg) == "muon" and r.dist == "fsdp":
-        p.append("optim.name muon does not run under run.dist fsdp (Muon orthogonalizes whole matrices and an FSDP2 "
-                 "shard is not one): use --run.dist ddp, or --optim.name adamw")
+    elif refuse_fsdp_muon(cfg) and not m.init_from:  # with init_from the source's arch decides (the trainer)
+        p.append(refuse_fsdp_muon(cfg))
     if o.schedule not in SCHEDULES:
         p.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     if not 0 <= o.decay_frac <= 1:
@@ -420,12 +419,22 @@ def validate(cfg: TrainConfig) -> None:
         raise GPTForgeError("invalid config: " + "; ".join(p))
 
 
-def optimizer_name(cfg: TrainConfig) -> str:
+def optimizer_name(cfg: TrainConfig, arch: str | None = None) -> str:
     """The optimizer this run uses: optim.name, where `auto` is the architecture's own (Muon for
-    the modern recipe, whose defaults were measured with it; AdamW for GPT-2, as in 2019)."""
+    the modern recipe, whose defaults were measured with it; AdamW for GPT-2, as in 2019). `arch`:
+    the model's as built (with model.init_from it is the source's, which the config may not say)."""
     if cfg.optim.name == "auto":
-        return "muon" if cfg.model.arch == "modern" else "adamw"
+        return "muon" if (arch or cfg.model.arch) == "modern" else "adamw"
     return cfg.optim.name
+
+
+def refuse_fsdp_muon(cfg: TrainConfig, arch: str | None = None) -> str | None:
+    """The one-line reason Muon cannot run under this run's FSDP2, or None."""
+    if optimizer_name(cfg, arch) == "muon" and cfg.run.dist == "fsdp":
+        how = "" if cfg.optim.name == "muon" else " (optim.name auto chose it for model.arch modern)"
+        return (f"optim.name muon{how} does not run under run.dist fsdp (Muon orthogonalizes whole matrices and "
+                "an FSDP2 shard is not one): use --run.dist ddp, or --optim.name adamw")
+    return None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 
 # nano GPT, 32-token sequences, 2 micro-steps of 4 sequences per step, fp32 on the CPU
 NANO = {
-    "model.preset": "nano", "data.seq_len": "32", "data.prefetch": "0",
+    "model.preset": "nano", "model.arch": "gpt2", "data.seq_len": "32", "data.prefetch": "0",
     "optim.batch_tokens": "256", "optim.micro_batch_size": "4", "optim.lr": "3e-3", "optim.warmup_steps": "2",
     "run.device": "cpu", "run.precision": "fp32", "run.eval_every": "0", "run.eval_tokens": "512",
     "run.sample_tokens": "4", "run.peak_tflops": "1.0",

@@ -17,7 +17,7 @@ import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences
+from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences, refuse_fsdp_muon
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, set_head_loss
@@ -132,7 +132,10 @@ class Trainer:
         self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
                                         activation_checkpointing=cfg.run.activation_checkpointing,
                                         compile=cfg.run.compile)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg))
+        arch = getattr(gpt_config, "arch", "gpt2")  # the model's own (init_from: the source's)
+        if refuse_fsdp_muon(cfg, arch):
+            raise GPTForgeError(refuse_fsdp_muon(cfg, arch))
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
         # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
