@@ -374,8 +374,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
     if o.name not in ("auto", *OPTIMIZERS):
         p.append(f"optim.name must be one of auto, {', '.join(OPTIMIZERS)}, got {o.name!r}")
-    elif refuse_fsdp_muon(cfg) and not m.init_from:  # with init_from the source's arch decides (the trainer)
-        p.append(refuse_fsdp_muon(cfg))
+    elif not m.init_from and (refusal := refuse_fsdp_muon(cfg)):  # with init_from: the source's arch (trainer)
+        p.append(refusal)
     if o.schedule not in SCHEDULES:
         p.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     if not 0 <= o.decay_frac <= 1:

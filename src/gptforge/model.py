@@ -46,17 +46,7 @@ class GPTConfig:
         return math.ceil(self.vocab_size / PAD_MULTIPLE) * PAD_MULTIPLE
 
     def validate(self) -> "GPTConfig":
-        problems = []
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"model.{name} must be a positive integer, got {value!r}")
-        if not problems and self.n_embd % self.n_head:
-            problems.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        if self.attention not in ("flash", "manual"):
-            problems.append(f"model.attention must be 'flash' or 'manual', got {self.attention!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        problems = shape_problems(self)
         if problems:
             raise GPTForgeError("; ".join(problems))
         return self
@@ -66,11 +56,32 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise GPTForgeError(f"unknown GPTConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d).validate()
+        return config_from_dict(cls, d)
+
+
+def shape_problems(config) -> list[str]:
+    """What is wrong with the fields every architecture has (sizes, attention, dropout)."""
+    problems = []
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"model.{name} must be a positive integer, got {value!r}")
+    if not problems and config.n_embd % config.n_head:
+        problems.append(f"model.n_embd ({config.n_embd}) must be divisible by model.n_head ({config.n_head})")
+    if config.attention not in ("flash", "manual"):
+        problems.append(f"model.attention must be 'flash' or 'manual', got {config.attention!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"model.dropout must be in [0, 1), got {config.dropout!r}")
+    return problems
+
+
+def config_from_dict(cls, d: dict):
+    """cls(**d).validate(), an unknown key being one error that lists the valid ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise GPTForgeError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**d).validate()
 
 
 # Named presets, as data. GPT-2's four sizes, plus tiny ones that train on a CPU.

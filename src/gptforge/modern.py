@@ -20,7 +20,7 @@ C channels (n_embd), H heads, D head size (C // H), F the MLP's hidden width, V 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, softcap as cap_logits
-from gptforge.model import PAD_MULTIPLE, KVCache
+from gptforge.model import PAD_MULTIPLE, KVCache, config_from_dict, shape_problems
 
 NORM_EPS = 1e-6  # RMSNorm / LayerNorm epsilon, and the rms_norm_eps of the Qwen3/Llama export
 NORMS = ("rmsnorm", "layernorm")
@@ -77,21 +77,11 @@ class ModernConfig:
         return 4 * self.n_embd
 
     def validate(self) -> "ModernConfig":
-        problems = []
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"model.{name} must be a positive integer, got {value!r}")
-        if not problems and self.n_embd % self.n_head:
-            problems.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        problems = shape_problems(self)
         if not problems and self.rope and self.head_dim % 2:
             problems.append(f"model.rope needs an even head size, got n_embd / n_head = {self.head_dim}")
         if self.arch != "modern":
             problems.append(f"ModernConfig.arch must be 'modern', got {self.arch!r}")
-        if self.attention not in ("flash", "manual"):
-            problems.append(f"model.attention must be 'flash' or 'manual', got {self.attention!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.norm not in NORMS:
             problems.append(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.mlp not in MLPS:
@@ -109,11 +99,7 @@ class ModernConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModernConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise GPTForgeError(f"unknown ModernConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d).validate()
+        return config_from_dict(cls, d)
 
 
 class RMSNorm(nn.RMSNorm):

@@ -133,8 +133,9 @@ class Trainer:
                                         activation_checkpointing=cfg.run.activation_checkpointing,
                                         compile=cfg.run.compile)
         arch = getattr(gpt_config, "arch", "gpt2")  # the model's own (init_from: the source's)
-        if refuse_fsdp_muon(cfg, arch):
-            raise GPTForgeError(refuse_fsdp_muon(cfg, arch))
+        refusal = refuse_fsdp_muon(cfg, arch)
+        if refusal:
+            raise GPTForgeError(refusal)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
