@@ -154,7 +154,7 @@ def test_wsd_schedule_values():
 
 
 def test_cosine_unchanged_and_groups_share_the_multiplier():
-    args = C.OptimArgs(lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, decay_steps=110)
+    args = C.OptimArgs(lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, decay_steps=110, schedule="cosine")
     for s in (0, 9, 10, 37, 60, 109, 110, 150):  # the formula as it was, bit for bit
         if s < 10:
             want = 6e-4 * (s + 1) / 10
@@ -174,7 +174,7 @@ def test_cosine_unchanged_and_groups_share_the_multiplier():
 # ------------------------------------------------------------------ config
 @pytest.mark.parametrize("key,value,message", [
     ("optim.name", "sgd", "optim.name must be one of auto, adamw, muon, got 'sgd'"),
-    ("optim.schedule", "linear", "optim.schedule must be one of cosine, wsd, got 'linear'"),
+    ("optim.schedule", "linear", "optim.schedule must be one of auto, cosine, wsd, got 'linear'"),
     ("optim.decay_frac", "1.5", "optim.decay_frac must be in [0, 1], got 1.5"),
     ("optim.muon_lr", "0", "optim.muon_lr must be a positive number, got 0.0"),
     ("optim.muon_momentum", "1", "optim.muon_momentum must be in [0, 1), got 1.0"),
@@ -208,6 +208,15 @@ def test_auto_is_muon_for_the_modern_recipe_and_adamw_for_gpt2():
     with pytest.raises(GPTForgeError, match=r"optim.name muon \(optim.name auto chose it for model.arch modern\) "
                                             r"does not run under run.dist fsdp.*use --run.dist ddp"):
         C.resolve(None, [("run.dist", "fsdp")])
+
+
+def test_schedule_auto_is_wsd_for_the_modern_recipe_and_cosine_for_gpt2():
+    assert C.schedule_name(C.resolve(None, [])) == "wsd"  # measured with the modern recipe
+    assert C.schedule_name(C.resolve(None, [("model.arch", "gpt2")])) == "cosine"  # sweep_lr's
+    assert C.schedule_name(C.resolve(None, [("optim.schedule", "cosine")])) == "cosine"
+    assert C.schedule_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "cosine"
+    with pytest.raises(ValueError, match="resolved schedule"):
+        lr_at(0, C.OptimArgs(), 10)  # auto means nothing until the arch is known
 
 
 def test_muon_adjust_lr_choices_are_torchs():

@@ -30,7 +30,7 @@ def test_optimizer_hyperparameters():
 
 
 def test_lr_at_key_steps():
-    args = OptimArgs(lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, decay_steps=110)
+    args = OptimArgs(lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, decay_steps=110, schedule="cosine")
     assert lr_at(0, args, 200) == pytest.approx(6e-5)  # (0+1)/10 of max
     assert lr_at(9, args, 200) == pytest.approx(6e-4)  # end of warmup
     assert lr_at(10, args, 200) == pytest.approx(6e-4)  # cosine starts at max
@@ -42,6 +42,6 @@ def test_lr_at_key_steps():
 
 
 def test_decay_steps_default_to_max_steps():
-    args = OptimArgs(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, decay_steps=0)
+    args = OptimArgs(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, decay_steps=0, schedule="cosine")
     assert lr_at(50, args, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, args, 100) == 0.0

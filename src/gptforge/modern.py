@@ -3,11 +3,11 @@
 Decoder-only transformer: token embedding (no learned positions: rotary embeddings rotate each
 head's queries and keys by their position), pre-RMSNorm blocks (norm -> causal self-attention
 with RMS-normed queries and keys -> add; norm -> SwiGLU MLP -> add), a final RMSNorm, an LM
-head of its own (untied), no biases, zero-initialized residual output projections, and the
-logits soft-capped by `softcap * tanh(logits / softcap)` (in the loss path too: gptforge.loss).
-Every component has a switch in `ModernConfig` for ablations; with the defaults the function is
-Qwen3's (RMSNorm + RoPE + QK-norm + SwiGLU + untied head) except the softcap, so `softcap = 0`
-makes a checkpoint exportable as `Qwen3ForCausalLM` (gptforge.hf_modern).
+head of its own (untied), no biases and zero-initialized residual output projections; a tanh
+logit softcap `softcap * tanh(logits / softcap)` is a switch (off by default: neutral in the
+ablation; in the loss path too when on: gptforge.loss). Every component has a switch in
+`ModernConfig` for ablations; with the defaults the function is Qwen3's (RMSNorm + RoPE + QK-norm
++ SwiGLU + untied head), so a checkpoint exports as `Qwen3ForCausalLM` (gptforge.hf_modern).
 
 Module names follow model.py (`transformer.wte`, `transformer.h[i].attn.c_attn`, `.mlp.c_proj`,
 `ln_1`, `ln_2`, `transformer.ln_f`, `lm_head`): every 2-D parameter under `transformer.h` is a
@@ -56,7 +56,7 @@ class ModernConfig:
     mlp: str = "swiglu"  # swiglu (hidden F = 8C/3 rounded to 64: the 4x MLP's params and FLOPs) | relu2 | gelu (4C)
     tie_embeddings: bool = False  # LM head = token embedding (one Parameter)
     zero_init: bool = True  # residual output projections start at zero (each block starts as identity)
-    softcap: float = 15.0  # logits -> softcap * tanh(logits / softcap); 0 = off
+    softcap: float = 0.0  # logits -> softcap * tanh(logits / softcap); 0 = off (neutral at CPU scale; blocks HF export)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -252,7 +252,7 @@ def test_absurd_lr_rolls_back_with_a_smaller_lr(tmp_path, shards_dir, monkeypatc
     after = log[log.index(skipped[-1]) + 1:]
     assert [r["step"] for r in after] == list(range(6, 14))
     assert all(not r.get("skipped") and math.isfinite(r["loss"]) for r in after)
-    assert all(r["lr"] == pytest.approx(real_lr_at(r["step"], cfg.optim, 14)) for r in after)
+    assert all(r["lr"] == pytest.approx(real_lr_at(r["step"], trainer.optim, 14)) for r in after)
     assert res.step == 14 and math.isfinite(res.val_loss)
     assert trainer.lr_scale == pytest.approx(1e-5) and trainer.guard.skipped_total == 3
     # the rollback and the smaller LR survive a resume: both are in the final checkpoint

@@ -163,6 +163,8 @@ def lr_at(step: int, args: OptimArgs, max_steps: int) -> float:
     lr * min_lr_ratio at decay_steps (default: max_steps), constant after.
     cosine: a half cosine from the end of warmup. wsd: flat at lr until the last decay_frac of
     the steps, then linear."""
+    if args.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"lr_at needs a resolved schedule (config.schedule_name), got {args.schedule!r}")
     max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
     decay_steps = args.decay_steps or max_steps
     if step < args.warmup_steps:

@@ -10,14 +10,14 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences, refuse_fsdp_muon
+from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences, refuse_fsdp_muon, schedule_name
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss, set_head_loss
@@ -137,6 +137,7 @@ class Trainer:
         if refusal:
             raise GPTForgeError(refusal)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
+        self.optim = replace(cfg.optim, schedule=schedule_name(cfg, arch))  # auto resolved
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
         # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
@@ -254,8 +255,8 @@ class Trainer:
         if read:
             synchronize(self.rt.device)
             t0 = time.perf_counter()
-        lr = lr_at(self.step, cfg.optim, cfg.run.max_steps) * self.lr_scale
-        group_lrs = set_lr(self.optimizer, lr, cfg.optim)
+        lr = lr_at(self.step, self.optim, cfg.run.max_steps) * self.lr_scale
+        group_lrs = set_lr(self.optimizer, lr, self.optim)
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(plan.grad_accum_steps):
@@ -483,7 +484,7 @@ class Trainer:
             f"{self.mfu_line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
             f"LM-head loss {self.head_choice.describe()}",
-            describe(self.optimizer, c.optim) + f" | schedule {c.optim.schedule}",
+            describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}",
         ]
         return "\n".join(lines)
 
