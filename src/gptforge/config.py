@@ -423,9 +423,7 @@ def optimizer_name(cfg: TrainConfig, arch: str | None = None) -> str:
     """The optimizer this run uses: optim.name, where `auto` is the architecture's own (Muon for
     the modern recipe, whose defaults were measured with it; AdamW for GPT-2, as in 2019). `arch`:
     the model's as built (with model.init_from it is the source's, which the config may not say)."""
-    if cfg.optim.name == "auto":
-        return "muon" if (arch or cfg.model.arch) == "modern" else "adamw"
-    return cfg.optim.name
+    return _by_arch(cfg.optim.name, cfg, arch, modern="muon", gpt2="adamw")
 
 
 def schedule_name(cfg: TrainConfig, arch: str | None = None) -> str:
@@ -433,9 +431,14 @@ def schedule_name(cfg: TrainConfig, arch: str | None = None) -> str:
     for the modern recipe: ~0.03 lower val bpb than cosine at 150 steps on two seeds,
     benchmarks/modern_recipe.py; cosine for GPT-2, with which benchmarks/sweep_lr.py chose its LR).
     `arch` as in optimizer_name."""
-    if cfg.optim.schedule == "auto":
-        return "wsd" if (arch or cfg.model.arch) == "modern" else "cosine"
-    return cfg.optim.schedule
+    return _by_arch(cfg.optim.schedule, cfg, arch, modern="wsd", gpt2="cosine")
+
+
+def _by_arch(value: str, cfg: TrainConfig, arch: str | None, modern: str, gpt2: str) -> str:
+    """`value`, or for `auto` the architecture's own choice (arch: the built model's, else the config's)."""
+    if value != "auto":
+        return value
+    return modern if (arch or cfg.model.arch) == "modern" else gpt2
 
 
 def refuse_fsdp_muon(cfg: TrainConfig, arch: str | None = None) -> str | None:
