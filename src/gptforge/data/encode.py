@@ -31,6 +31,14 @@ from gptforge.errors import GPTForgeError
 CHUNK_CHARS = 1 << 19  # text per worker task: big enough to amortize IPC, small enough to balance
 IN_FLIGHT_PER_WORKER = 4
 
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class KeepState(GPTForgeError):
     """An error after which the unfinished work is kept for a re-run (not an input problem)."""
 

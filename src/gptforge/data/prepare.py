@@ -59,7 +59,7 @@ from gptforge import tokenizer as tokenizer_mod  # `prepare` has a parameter nam
 from gptforge.data import shards
 from gptforge.data import sources as _src
 from gptforge.data.cut import TOKENIZER_DIR, VAL_RULE, cut
-from gptforge.data.encode import Codec, KeepState, encode_documents
+from gptforge.data.encode import Codec, KeepState, default_workers, encode_documents
 from gptforge.data.parts import (LAYOUT, MAX_PART_TOKENS, PARTS, VAL_CAP, VAL_CUT_MIN, VAL_FRACTION, VAL_MIN,
                                  VAL_SMALL_FRACTION, default_val_tokens, tokenize)
 from gptforge.data.sources import portable_path
@@ -85,13 +85,6 @@ class OptionsMismatch(GPTForgeError):
 def default_cache_dir() -> Path:
     """$GPTFORGE_CACHE, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge."""
     return cache_root()
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def ensure_default_corpus(workers: int | None = None, progress: bool = True, tokenizer: str = "gpt2") -> Path:

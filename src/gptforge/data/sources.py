@@ -292,9 +292,10 @@ def _text_pieces(path: Path) -> Iterator[str]:
         except _read_errors() as e:
             raise _Skip(f"unreadable ({getattr(e, 'strerror', None) or e})") from e
         try:
-            yield data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _Skip(_utf8_error(e, 0)) from e
+        yield from split_pieces((text,))
         return
     _check_utf8(path)
     yield from split_pieces(_decoded_blocks(path))
@@ -322,9 +323,11 @@ def _safe_cut(text: str, lo: int, hi: int) -> int:
     return 0
 
 
-def split_pieces(blocks: Iterable[str], size: int = PIECE_CHARS, max_size: int = MAX_PIECE_CHARS) -> Iterator[str]:
-    """Text arriving in `blocks`, handed on in pieces of about `size` characters cut at safe points
-    (see the module doc); at most `max_size` characters each. Never an empty piece but for empty text."""
+def split_pieces(blocks: Iterable[str], size: int | None = None, max_size: int | None = None) -> Iterator[str]:
+    """Text arriving in `blocks`, handed on in pieces of about `size` (PIECE_CHARS) characters cut at
+    safe points (see the module doc); at most `max_size` (MAX_PIECE_CHARS) characters each. Never
+    an empty piece but for empty text."""
+    size, max_size = size or PIECE_CHARS, max_size or MAX_PIECE_CHARS
     carry, any_out = "", False
     for block in blocks:
         if not block:
@@ -423,7 +426,7 @@ def _file_pieces(path: Path, kind: str, text_field: str) -> Iterator[tuple[str |
 
 
 def _doc_pieces(doc: str | None) -> Iterator[tuple[str | None, bool]]:
-    if doc is None or len(doc) <= PIECE_CHARS:
+    if not doc or len(doc) <= PIECE_CHARS:
         yield doc, True
         return
     for i, piece in enumerate(split_pieces((doc,))):
