@@ -18,8 +18,14 @@ Ids 0..255 are the 256 single bytes (so every byte sequence encodes, and decode(
 text for any text), then the merges in the order they were learned, then <|endoftext|>, the
 document separator. Encoding is tiktoken's, built from the trained ranks (as nanochat does): the
 fastest correct path, and the same code as GPT-2's. A tokenizer's `name` is `bpe{V}-` and the
-first 12 hex digits of the sha256 of its content (ranks, regex, special tokens): two files with
-the same name encode identically.
+first 12 hex digits of the sha256 of its content (ranks, regex, special tokens), and loading
+checks it: two files with the same name encode identically, so records (a data manifest, a
+checkpoint's config.json) may compare tokenizers by name.
+
+`resolve` is the one way from whatever names a tokenizer (a Tokenizer, "gpt2", a tokenizer
+directory or file, a prepared data directory, a model directory; a run directory or hub name
+through a `locate` given by the caller) to the Tokenizer; `of_data` / `of_model` read the records
+of a data manifest and of a model's config.json.
 """
 
 from __future__ import annotations
@@ -30,10 +36,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import tiktoken
 
