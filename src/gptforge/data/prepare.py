@@ -104,14 +104,15 @@ def ensure_default_corpus(workers: int | None = None, progress: bool = True, tok
     return out
 
 
-def summary(out: str | os.PathLike, manifest: dict) -> str:
+def summary(out: str | os.PathLike, manifest: dict, seconds: float | None = None) -> str:
     """One line: what `out` holds, with the count of source files skipped (each warned about above)."""
     docs = manifest["documents"]
     parts = [f"{name}: {body['num_tokens']:,} tokens, {body['num_documents']:,} documents, {len(body['shards'])} shards"
              for name, body in sorted(manifest["splits"].items(), key=lambda kv: kv[0] != "val") if body["shards"]]
     n = docs.get("files_skipped", 0)
     skipped = f", {n} files skipped" if n else ""
-    return f"{out}: " + "; ".join(parts) + f"{skipped} (tokenizer {manifest['tokenizer']})"
+    took = "" if seconds is None else f"{seconds:.1f}s, "
+    return f"{out}: " + "; ".join(parts) + f"{skipped} ({took}tokenizer {manifest['tokenizer']})"
 
 
 # ---------------------------------------------------------------------------------------------
