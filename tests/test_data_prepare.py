@@ -190,7 +190,7 @@ def test_an_unfinished_run_with_other_options_is_an_error(corpus, tmp_path, monk
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_cut", crash)
+    monkeypatch.setattr(prep, "cut", crash)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([str(root)], out, shard_tokens=SHARD, workers=1, progress=False)
     monkeypatch.undo()

@@ -236,3 +236,24 @@ def test_fingerprint_changes_with_the_files(tmp_path):
     assert sources.fingerprint(sources.resolve_all([str(tmp_path)])) == fp
     (tmp_path / "a.txt").write_text("one more")
     assert sources.fingerprint(sources.resolve_all([str(tmp_path)])) != fp
+
+
+def test_pieces_are_cut_where_no_pretokenizer_matches_across(tmp_path):
+    """Every pattern splits the pieces' text exactly as the whole text: the same tokens."""
+    import random
+
+    import regex
+
+    from gptforge.tokenizer import PATTERNS
+
+    rng = random.Random(0)
+    alphabet = list("ab c\n\n  \t'sd12345.!?,漢字🙂 ") + ["  ", "\n ", " \n", "'ll", "'s ", "\r\n"]
+    for _ in range(10):
+        text = "".join(rng.choice(alphabet) for _ in range(20_000))
+        pieces = list(sources.split_pieces((text[i : i + 777] for i in range(0, len(text), 777)), size=300, max_size=5000))
+        assert "".join(pieces) == text and len(pieces) > 30 and max(map(len, pieces)) <= 5000
+        for pattern in PATTERNS.values():
+            r = regex.compile(pattern)
+            assert [t for p in pieces for t in r.findall(p)] == r.findall(text)
+    assert list(sources.split_pieces(["x" * 12_000], size=300, max_size=5000)) == ["x" * 5000] * 2 + ["x" * 2000]
+    assert list(sources.split_pieces([])) == [""]

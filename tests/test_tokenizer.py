@@ -104,3 +104,58 @@ def test_tiktoken_cache_when_present_gives_the_same_tokens(tmp_path, monkeypatch
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # caching off: nothing read from or written to a cache
     local = tk._local_encoding()
     assert cached.encode(text, allowed_special="all") == local.encode(text, allowed_special="all")
+
+
+# --------------------------------------------------------------------------- the one resolver
+
+
+def _trained() -> tk.Tokenizer:
+    return tk.Tokenizer.from_ranks([bytes([b]) for b in range(256)] + [b"th", b"he", b"the"], "gpt2")
+
+
+def test_resolve_takes_whatever_names_a_tokenizer(tmp_path):
+    import json
+
+    tok = _trained()
+    tok.save(tmp_path / "tok")
+    assert tk.resolve(None).name == tk.resolve("gpt2").name == tk.NAME
+    assert tk.resolve(tok) is tok
+    for spec in (tmp_path / "tok", tmp_path / "tok" / tk.TOKENIZER_FILE, str(tmp_path / "tok")):
+        assert tk.resolve(spec).name == tok.name
+    data = tmp_path / "data"  # a prepared data directory names its tokenizer in manifest.json
+    tok.save(data / "tokenizer")
+    manifest = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                "tokenizer_file": f"tokenizer/{tk.TOKENIZER_FILE}", "tokenizer_sha256": tk.resolve(data / "tokenizer").file_sha256}
+    (data / tk.MANIFEST).write_text(json.dumps(manifest))
+    assert tk.resolve(data).name == tk.resolve(data / tk.MANIFEST).name == tok.name
+    model = tmp_path / "model"  # a checkpoint's config.json records its tokenizer beside the weights
+    model.mkdir()
+    (model / tk.TOKENIZER_FILE).write_bytes(tok.file_bytes())
+    (model / tk.MODEL_CONFIG).write_text(json.dumps({"model": {"vocab_size": tok.vocab_size}, "tokenizer": tok.identity()}))
+    assert tk.resolve(model).name == tok.name
+    hf = tmp_path / "hf"  # a Hugging Face GPT-2 directory
+    hf.mkdir()
+    (hf / tk.MODEL_CONFIG).write_text(json.dumps({"vocab_size": tk.N_VOCAB}))
+    assert tk.resolve(hf).name == tk.NAME
+    assert tk.resolve("somewhere", locate=lambda s: model).name == tok.name  # a run dir / hub name, located
+
+
+def test_resolve_says_what_it_cannot_take(tmp_path):
+    import json
+
+    with pytest.raises(GPTForgeError, match="train:300: names a tokenizer still to be trained"):
+        tk.resolve("train:300")
+    with pytest.raises(GPTForgeError, match="train:N with N the vocabulary size"):
+        tk.resolve("train:lots")
+    with pytest.raises(GPTForgeError, match="nowhere: names no tokenizer"):
+        tk.resolve(tmp_path / "nowhere")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / tk.MODEL_CONFIG).write_text(json.dumps({"vocab_size": 1000}))
+    with pytest.raises(GPTForgeError, match=r"no gptforge-tokenizer\.json, and its vocabulary \(1000\) is not GPT-2's"):
+        tk.resolve(tmp_path / "hf")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / tk.MANIFEST).write_text(json.dumps({"tokenizer": "x", "vocab_size": 300, "eot_id": 299,
+                                                 "tokenizer_file": "../elsewhere.json", "tokenizer_sha256": "0" * 64}))
+    with pytest.raises(GPTForgeError, match="must lie inside the data directory"):
+        tk.resolve(data)

@@ -61,17 +61,7 @@ def load_tokenizer(path="gpt2"):
     """The tokenizer of a model or data, named once where it was made: "gpt2", a tokenizer
     directory (gptforge tokenizer train), a prepared data directory, a checkpoint, a run directory
     (its newest checkpoint) or a Hugging Face directory gptforge exported."""
-    from pathlib import Path
+    from gptforge.hf import locate
+    from gptforge.tokenizer import resolve
 
-    from gptforge.tokenizer import NAME, TOKENIZER_FILE, Tokenizer
-
-    p = Path(path)
-    if str(path) == NAME or p.is_file() or (p / TOKENIZER_FILE).is_file() and not (p / "config.json").is_file():
-        return Tokenizer.load(path)
-    if (p / "manifest.json").is_file():
-        from gptforge.data.shards import data_tokenizer
-
-        return data_tokenizer(p)
-    from gptforge.hf import tokenizer_of
-
-    return tokenizer_of(p)
+    return resolve(path, locate=locate)

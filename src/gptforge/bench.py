@@ -138,21 +138,12 @@ def note(rung: Rung, device: torch.device) -> str:
 
 def matmul_peak(device: torch.device, precision: str, sizes=(1024, 2048, 4096), reps: int = 3) -> float:
     """The dtype's achievable dense peak here, in TFLOP/s: the fastest of a few square matmuls
-    (each size warmed up once, then timed `reps` times, synchronized)."""
-    from gptforge.device import DTYPES, set_matmul_precision, synchronize
+    (measure.matmul_probe: each size warmed up once, then timed `reps` times, synchronized)."""
+    from gptforge.device import set_matmul_precision
+    from gptforge.measure import matmul_probe
 
     set_matmul_precision(precision)  # TF32 on for tf32 (and the autocast modes), off for fp32
-    dtype, best = DTYPES[precision], 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        for _ in range(reps):
-            synchronize(device)
-            t0 = time.perf_counter()
-            a @ b
-            synchronize(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
-    return best
+    return matmul_probe(device, (precision,), [(n, n, n) for n in sizes], rounds=reps)[precision]
 
 
 def mfu_peak(device: torch.device, override: float = 0.0) -> tuple[float, str]:

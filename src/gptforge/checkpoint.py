@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
 from gptforge.errors import GPTForgeError
+from gptforge import fsutil
 from gptforge.fsutil import atomic_dir, sha256_file
 from gptforge import arch
 from gptforge.arch import Config, Model
@@ -51,29 +52,16 @@ class ChecksumError(GPTForgeError):
 
 def write_sums(directory: Path) -> None:
     """SHA256SUMS of every file in `directory`; call it last, inside the writer's atomic_dir."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != SUMS)
-    with ThreadPoolExecutor(max(len(files), 1)) as ex:  # hashlib releases the GIL
-        digests = list(ex.map(sha256_file, files))
-    (directory / SUMS).write_text("".join(f"{d}  {p.name}\n" for p, d in zip(files, digests)))
+    def hash_all(files):
+        with ThreadPoolExecutor(max(len(files), 1)) as ex:  # hashlib releases the GIL
+            return list(ex.map(sha256_file, files))
+
+    fsutil.write_sums(directory, hasher=hash_all)
 
 
 def read_sums(directory: Path) -> dict[str, str] | None:
     """file name -> sha256 from SHA256SUMS; None when the directory has none (written before sums)."""
-    path = Path(directory) / SUMS
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ChecksumError(f"{path}: unreadable ({e})") from e
-    sums = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        m = _SUM_LINE.match(line)
-        if not m:
-            raise ChecksumError(f"{path}: line {i} is not '<64 hex digits>  FILE' ({line[:80]!r})")
-        sums[m.group(2)] = m.group(1)
-    return sums
+    return fsutil.read_sums(directory, ChecksumError)
 
 
 _NOTED: set[str] = set()

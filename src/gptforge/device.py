@@ -19,6 +19,7 @@ import torch
 from gptforge import measure
 from gptforge.errors import GPTForgeError
 from gptforge.measure import DTYPES  # noqa: F401  (precision name -> dtype; here for autocast and callers)
+from gptforge.measure import synchronize  # noqa: F401  (defined below us: measure times with it too)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -121,13 +122,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 @dataclass

@@ -1,19 +1,26 @@
-"""Atomic file and directory writes: a reader never sees a half-written file under its final name.
+"""Atomic file and directory writes, JSON files, SHA256SUMS: one of each for the package.
 
-Pattern everywhere: write to a temporary name in the same directory, flush + fsync, rename over
-the final name (atomic on POSIX), then fsync the directory so the rename itself is durable.
+Writes: to a temporary name in the same directory, flush + fsync, rename over the final name
+(atomic on POSIX), then fsync the directory so the rename itself is durable; a reader never sees
+a half-written file under its final name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from gptforge.errors import GPTForgeError
 
 TMP_PREFIX = ".tmp-"
+SUMS = "SHA256SUMS"  # the format of coreutils' sha256sum: `cd DIR && sha256sum -c SHA256SUMS` checks it
+_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
 
 
 def _umask() -> int:
@@ -145,3 +152,86 @@ def cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "gptforge"
     return Path.home() / ".cache" / "gptforge"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def dumps_json(obj) -> str:
+    """Deterministic JSON text (sorted keys, indented, a final newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON atomically (temp name, fsync, rename), deterministically (sorted keys)."""
+    atomic_write_text(path, dumps_json(obj))
+
+
+def read_json(path: str | os.PathLike, error: type[GPTForgeError] = GPTForgeError, hint: str = "") -> dict:
+    """A JSON object from `path`; anything else (missing, unreadable, not JSON, not an object) is one
+    `error` naming the file (FileNotFoundError passes through: callers say what a missing file means)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable or not JSON ({e}){hint}") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}{hint}")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# SHA256SUMS
+
+
+def sums_text(digests: dict[str, str]) -> str:
+    """SHA256SUMS lines (`<sha256>  <name>`), sorted by name."""
+    return "".join(f"{d}  {n}\n" for n, d in sorted(digests.items()))
+
+
+def write_sums(directory: str | os.PathLike, digests: dict[str, str] | None = None,
+               hasher: Callable[[list[Path]], list[str]] | None = None) -> None:
+    """Write `directory`/SHA256SUMS: the given name -> sha256, else the sha256 of every file in the
+    directory (by `hasher`, default one file after another). Callers write it last, inside their
+    atomic directory."""
+    directory = Path(directory)
+    if digests is None:
+        files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+        digests = dict(zip((p.name for p in files), (hasher or (lambda fs: [sha256_file(f) for f in fs]))(files)))
+    (directory / SUMS).write_text(sums_text(digests), encoding="utf-8")
+
+
+def _inside(name: str) -> bool:
+    """A SHA256SUMS entry names a file of its own directory: relative, no `..`, no drive."""
+    p = Path(name)
+    return not (p.is_absolute() or name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name)
+                or p.drive or "\0" in name)
+
+
+def read_sums(directory: str | os.PathLike, error: type[GPTForgeError] = GPTForgeError) -> dict[str, str] | None:
+    """name -> sha256 from `directory`/SHA256SUMS; None when there is none. Strict: every line is
+    `<64 lowercase hex digits>  <name>` (or ` *<name>`, sha256sum's binary mode) with a name inside
+    the directory (never absolute, never `..`); anything else is one `error` naming file and line."""
+    path = Path(directory) / SUMS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: unreadable ({e})") from e
+    sums: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = _SUM_LINE.match(line)
+        if not m:
+            raise error(f"{path}: line {i} is not '<64 hex digits>  FILE' ({line[:80]!r})")
+        digest, name = m.groups()
+        if not _inside(name):
+            raise error(f"{path}: line {i} names {name[:80]!r}, a path outside {Path(directory)}; "
+                        "a checksum file lists only files of its own directory")
+        if name in sums:
+            raise error(f"{path}: line {i} lists {name[:80]!r} a second time")
+        sums[name] = digest
+    return sums

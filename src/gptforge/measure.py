@@ -22,8 +22,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _synchronize(device: torch.device) -> None:
-    """What gptforge.device.synchronize does (that module sits above this one)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (the clock is read only after it); gptforge.device
+    re-exports it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -76,22 +77,38 @@ def gpu_peak_tflops(device: torch.device, precision: str) -> float | None:
     return GPU_PEAK_TFLOPS[key][precision] or None
 
 
+def matmul_probe(device: torch.device, precisions, shapes, rounds: int = 1,
+                 budget_s: float | None = None) -> dict[str, float]:
+    """The one matmul probe: TFLOP/s per precision, the fastest single (M, K) x (K, N) matmul over
+    `shapes`, synchronized around each. The dtypes are interleaved shape by shape (so that a
+    neighbour's burst on a shared machine hurts both alike); every operand pair is used once
+    untimed (thread pools, kernels, autotuning); a round after the first runs only while the probe
+    is under `budget_s`. Operands are constants: cheap to make, and no denormals."""
+    best = {p: 0.0 for p in precisions}
+    operands = {}
+    t_start = time.perf_counter()
+    for rnd in range(rounds):
+        if rnd and budget_s is not None and time.perf_counter() - t_start > budget_s:
+            break
+        for m, k, n in shapes:
+            for p in precisions:
+                if (m, k, n, p) not in operands:
+                    dt = DTYPES[p]
+                    a, b = torch.full((m, k), 0.5, dtype=dt, device=device), torch.full((k, n), 0.25, dtype=dt, device=device)
+                    operands[m, k, n, p] = (a, b)
+                    a @ b
+                a, b = operands[m, k, n, p]
+                synchronize(device)
+                t0 = time.perf_counter()
+                a @ b
+                synchronize(device)
+                best[p] = max(best[p], 2 * m * k * n / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
 def measure_matmul_tflops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
-    """Achievable matmul FLOP/s of this device and dtype, from a short square-matmul probe."""
-    dtype = DTYPES[precision]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _synchronize(device)
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-        if device.type != "cpu" and iters % 10 == 0:
-            _synchronize(device)
-    _synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    """Achievable matmul FLOP/s of this device and dtype: the probe on n x n squares for about `seconds`."""
+    return matmul_probe(device, (precision,), ((n, n, n),), rounds=1 << 20, budget_s=seconds)[precision]
 
 
 def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> float:
@@ -176,26 +193,8 @@ def probe_cache_path(key: dict | None = None):
 
 def measure_cpu_matmul_rates(precisions=("fp32", "bf16"), shapes=PROBE_SHAPES,
                              budget_s: float = PROBE_BUDGET_S) -> dict[str, float]:
-    """TFLOP/s per dtype: the fastest single matmul over `shapes`, the dtypes interleaved shape by
-    shape (so that a neighbour's burst on a shared machine hurts both alike)."""
-    best = {p: 0.0 for p in precisions}
-    operands = {}
-    for p in precisions:  # first calls (thread pool, oneDNN kernels) outside the timing
-        w = torch.randn(256, 256, dtype=DTYPES[p])
-        w @ w
-    t_start = time.perf_counter()
-    for rnd in range(2):
-        if rnd and time.perf_counter() - t_start > budget_s:
-            break
-        for m, k, n in shapes:
-            for p in precisions:
-                if (m, k, n, p) not in operands:  # constant operands: cheap to make, and no denormals
-                    operands[m, k, n, p] = (torch.full((m, k), 0.5, dtype=DTYPES[p]), torch.full((k, n), 0.25, dtype=DTYPES[p]))
-                a, b = operands[m, k, n, p]
-                t0 = time.perf_counter()
-                a @ b
-                best[p] = max(best[p], 2 * m * k * n / (time.perf_counter() - t0) / 1e12)
-    return best
+    """TFLOP/s per dtype on the CPU: the matmul probe over `shapes`, a second round while under budget."""
+    return matmul_probe(torch.device("cpu"), precisions, shapes, rounds=2, budget_s=budget_s)
 
 
 def cpu_matmul_rates(refresh: bool = False) -> dict[str, float]:
@@ -205,17 +204,18 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, float]:
     the higher rate of each dtype: a probe taken while the machine was busy only ever improves."""
     import json
 
-    from gptforge.fsutil import atomic_write_text
+    from gptforge.errors import GPTForgeError
+    from gptforge.fsutil import atomic_write_text, read_json
 
     key = probe_key()
     path = probe_cache_path(key)
     cached: dict[str, float] = {}
     try:
-        saved = json.loads(open(path).read())
+        saved = read_json(path)
         rates = saved["rates"]
         if saved.get("key") == key and isinstance(rates, dict) and rates.get("fp32", 0) > 0:
             cached = {p: float(v) for p, v in rates.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, GPTForgeError, ValueError, KeyError, TypeError, AttributeError):
         pass
     if cached and not refresh:
         return cached
@@ -226,7 +226,7 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, float]:
     record = {"key": key, "rates": rates, "shapes": [list(s) for s in PROBE_SHAPES],
               "seconds": time.perf_counter() - t0, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")  # insertion order: fp32 first
     except OSError:  # a read-only cache is no reason to fail a run; it is measured next time too
         pass
     return rates

@@ -18,8 +18,14 @@ Ids 0..255 are the 256 single bytes (so every byte sequence encodes, and decode(
 text for any text), then the merges in the order they were learned, then <|endoftext|>, the
 document separator. Encoding is tiktoken's, built from the trained ranks (as nanochat does): the
 fastest correct path, and the same code as GPT-2's. A tokenizer's `name` is `bpe{V}-` and the
-first 12 hex digits of the sha256 of its content (ranks, regex, special tokens): two files with
-the same name encode identically.
+first 12 hex digits of the sha256 of its content (ranks, regex, special tokens), and loading
+checks it: two files with the same name encode identically, so records (a data manifest, a
+checkpoint's config.json) may compare tokenizers by name.
+
+`resolve` is the one way from whatever names a tokenizer (a Tokenizer, "gpt2", a tokenizer
+directory or file, a prepared data directory, a model directory; a run directory or hub name
+through a `locate` given by the caller) to the Tokenizer; `of_data` / `of_model` read the records
+of a data manifest and of a model's config.json.
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import tiktoken
 
 from gptforge.errors import GPTForgeError
+from gptforge.fsutil import SUMS, read_json, read_sums, write_sums
 
 NAME = "gpt2"
 EOT_ID = 50256
@@ -143,7 +149,6 @@ PATTERNS = {
 DEFAULT_PATTERN = "gpt2"  # the best compression of the embedded corpus (benchmarks/sweep_tokenizer.py; README)
 TOKENIZER_FILE = "gptforge-tokenizer.json"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SUMS = "SHA256SUMS"
 FORMAT = "gptforge-bpe"
 VERSION = 1
 SPECIALS = (EOT_TEXT,)
@@ -165,6 +170,11 @@ def _content_sha256(ranks: list[bytes], pattern: str, specials: dict[str, int]) 
     for token in ranks:
         h.update(len(token).to_bytes(4, "little") + token)
     return h.hexdigest()
+
+
+def content_name(vocab_size: int, content_sha256: str) -> str:
+    """A trained tokenizer's name: its size and its content hash, so two of one name encode alike."""
+    return f"bpe{vocab_size}-{content_sha256[:12]}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -207,7 +217,7 @@ class Tokenizer:
             return cls()
         path = Path(spec).expanduser()
         if path.is_dir():
-            sums = _read_sums(path)
+            sums = read_sums(path)
             path = path / TOKENIZER_FILE
             if sha256 is None and sums is not None:
                 sha256, where = sums.get(TOKENIZER_FILE), where or str(path.parent / SUMS)
@@ -219,7 +229,7 @@ class Tokenizer:
         pattern = PATTERNS[pattern_name]
         digest = _content_sha256(ranks, pattern, specials)
         meta = {
-            "format": FORMAT, "version": VERSION, "name": f"bpe{len(ranks) + len(specials)}-{digest[:12]}",
+            "format": FORMAT, "version": VERSION, "name": content_name(len(ranks) + len(specials), digest),
             "vocab_size": len(ranks) + len(specials), "pattern_name": pattern_name, "pattern": pattern,
             "special_tokens": specials, "content_sha256": digest, "trained": trained or {},
         }
@@ -303,7 +313,7 @@ class Tokenizer:
             with atomic_dir(out) as tmp:
                 for name, data in files.items():
                     (tmp / name).write_bytes(data)
-                (tmp / SUMS).write_text("".join(f"{sha256_bytes(d)}  {n}\n" for n, d in sorted(files.items())))
+                write_sums(tmp, {n: sha256_bytes(d) for n, d in files.items()})
         except BaseException:
             if old.exists():
                 old.rename(out)
@@ -345,22 +355,6 @@ def _make_encoding(name: str, ranks: list[bytes], pattern: str, specials: dict[s
                                  special_tokens=specials, explicit_n_vocab=len(ranks) + len(specials))
     except (ValueError, AssertionError) as e:
         raise GPTForgeError(f"tokenizer {name}: cannot build its encoding ({e})") from e
-
-
-def _read_sums(directory: Path) -> dict[str, str] | None:
-    try:
-        text = (directory / SUMS).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPTForgeError(f"{directory / SUMS}: unreadable ({e})") from e
-    sums = {}
-    for line in text.splitlines():
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise GPTForgeError(f"{directory / SUMS}: not a sha256sum line: {line[:80]!r}")
-        sums[name] = digest
-    return sums
 
 
 def read_tokenizer_file(path: str | os.PathLike, sha256: str | None = None, where: str | None = None) -> Tokenizer:
@@ -409,22 +403,132 @@ def read_tokenizer_file(path: str | os.PathLike, sha256: str | None = None, wher
         problems.append("ranks 0..255 are not the 256 single bytes")
     if not problems and _content_sha256(ranks, body["pattern"], specials) != body["content_sha256"]:
         problems.append("its content does not hash to content_sha256 (a damaged file)")
+    if not problems and body["name"] != content_name(body["vocab_size"], body["content_sha256"]):
+        # the name is what records compare: it must stand for this content and no other
+        problems.append(f"name {body['name']!r} is not its content's "
+                        f"({content_name(body['vocab_size'], body['content_sha256'])}): ranks changed under a kept name")
     if problems:
         raise GPTForgeError(f"{path}: not a valid gptforge tokenizer: " + "; ".join(problems))
     meta = {k: v for k, v in body.items() if k != "ranks"}
     return Tokenizer(_make_encoding(body["name"], ranks, body["pattern"], specials), meta, path, digest)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(path: str, sha256: str | None) -> Tokenizer:
-    return Tokenizer.load(path, sha256)
+# ---------------------------------------------------------------------------------------------
+# the one resolver: whatever names a tokenizer -> the Tokenizer
+
+TRAIN_PREFIX = "train:"
+MANIFEST = "manifest.json"  # a prepared data directory's (gptforge.data.shards)
+MODEL_CONFIG = "config.json"  # a model directory's: a gptforge checkpoint or a Hugging Face directory
 
 
-def get(spec: str | None = None, sha256: str | None = None) -> Tokenizer:
-    """Tokenizer.load, cached per process (the prepare workers build it once each)."""
-    if spec is None or spec == NAME:
-        return _cached(NAME, None)
-    return _cached(str(spec), sha256)
+def parse_train(spec) -> int | None:
+    """N of "train:N" (a tokenizer still to be trained, by `prepare`); None for any other spec."""
+    if not (isinstance(spec, str) and spec.startswith(TRAIN_PREFIX)):
+        return None
+    n = spec[len(TRAIN_PREFIX):].replace("_", "")
+    if not n.isdigit():
+        raise GPTForgeError(f"--tokenizer {spec!r}: expected train:N with N the vocabulary size, e.g. train:8192")
+    check_vocab_size(int(n), f"--tokenizer {spec}: vocabulary size")
+    return int(n)
+
+
+def resolve(spec: "str | os.PathLike | Tokenizer | None" = NAME, locate=None) -> Tokenizer:
+    """The tokenizer that `spec` names: a Tokenizer; None or "gpt2"; a tokenizer directory or its
+    gptforge-tokenizer.json; a prepared data directory (or its manifest.json): the tokenizer its
+    manifest names; a model directory (or its config.json): a gptforge checkpoint's recorded
+    tokenizer, or a Hugging Face directory's (an exported gptforge-tokenizer.json beside it, else
+    GPT-2's for a 50,257-id vocabulary). `locate(spec) -> Path`, where given, first turns what is
+    not one of these (a run directory, a hub name) into a model directory. "train:N" names a
+    tokenizer still to be trained: only `prepare` takes it (see parse_train)."""
+    if isinstance(spec, Tokenizer):
+        return spec
+    if spec is None or str(spec) == NAME:
+        return Tokenizer()
+    if parse_train(spec) is not None:
+        raise GPTForgeError(f"{spec}: names a tokenizer still to be trained; `gptforge prepare --tokenizer {spec}` "
+                            "trains it and stores it with the data")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name in (MANIFEST, MODEL_CONFIG):
+        path = path.parent
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return of_data(path, _read_record(path / MANIFEST))
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file() and not (path / MODEL_CONFIG).is_file():
+        return Tokenizer.load(path)
+    if path.is_file():
+        return Tokenizer.load(path)
+    if locate is not None:
+        path = Path(locate(spec))
+    if (path / MODEL_CONFIG).is_file():
+        return of_model(path, _read_record(path / MODEL_CONFIG))
+    raise GPTForgeError(f"{spec}: names no tokenizer (expected gpt2, a tokenizer directory or its {TOKENIZER_FILE}, "
+                        "a prepared data directory, a checkpoint, a run directory or an exported model directory)")
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return read_json(path)
+    except FileNotFoundError as e:
+        raise GPTForgeError(f"{path}: not found") from e
+
+
+def of_data(directory: str | os.PathLike, manifest: dict) -> Tokenizer:
+    """The tokenizer a prepared data directory's manifest names: GPT-2's, or the trained one stored
+    in the directory, checked against the manifest's sha256, name, vocabulary size and EOT."""
+    directory = Path(directory)
+    where = str(directory / MANIFEST)
+    for key, tp in (("tokenizer", str), ("vocab_size", int), ("eot_id", int)):
+        if not isinstance(manifest.get(key), tp):
+            raise GPTForgeError(f"{where}: field {key!r} missing or not a {tp.__name__}")
+    if "tokenizer_file" not in manifest:
+        tok = Tokenizer()
+    else:
+        rel = manifest["tokenizer_file"]
+        if not isinstance(rel, str) or not isinstance(manifest.get("tokenizer_sha256"), str):
+            raise GPTForgeError(f"{where}: fields 'tokenizer_file' and 'tokenizer_sha256' must be strings")
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise GPTForgeError(f"{where}: tokenizer_file {rel!r} must lie inside the data directory")
+        tok = Tokenizer.load(directory / rel, sha256=manifest["tokenizer_sha256"], where=where)
+    if (tok.name, tok.vocab_size, tok.eot_id) != (manifest["tokenizer"], manifest["vocab_size"], manifest["eot_id"]):
+        raise GPTForgeError(
+            f"{where}: names tokenizer {manifest['tokenizer']} ({manifest['vocab_size']} ids, EOT {manifest['eot_id']}), "
+            f"but its tokenizer file is {tok.name} ({tok.vocab_size} ids, EOT {tok.eot_id})")
+    return tok
+
+
+def of_model(directory: str | os.PathLike, meta: dict, required: bool = True) -> Tokenizer | None:
+    """The tokenizer of a model directory whose config.json holds `meta`. A gptforge checkpoint
+    (a "model" section): its record ("tokenizer", or an older training checkpoint's
+    train.resolved.tokenizer), a trained one's file beside the weights checked against the record's
+    sha256 and name; no record: GPT-2's for a 50,257-id vocabulary. A Hugging Face directory: the
+    gptforge-tokenizer.json an export wrote beside it, else GPT-2's for a 50,257-id vocabulary.
+    Not required: None where the directory names none and its vocabulary is not GPT-2's."""
+    directory = Path(directory)
+    where = str(directory / MODEL_CONFIG)
+    native = isinstance(meta.get("model"), dict)
+    vocab = (meta["model"] if native else meta).get("vocab_size")
+    record = meta.get("tokenizer") if native else None
+    if native and record is None and isinstance(meta.get("train"), dict):  # an older training checkpoint
+        record = (meta["train"].get("resolved") or {}).get("tokenizer")
+    if record is None:
+        if not native and (directory / TOKENIZER_FILE).is_file():
+            return Tokenizer.load(directory)
+        if vocab == N_VOCAB:
+            return Tokenizer()
+        if not required:
+            return None
+        if native:
+            raise GPTForgeError(f"{where}: names no tokenizer, and its vocabulary ({vocab}) is not GPT-2's")
+        raise GPTForgeError(f"{directory}: no {TOKENIZER_FILE}, and its vocabulary ({vocab}) is not GPT-2's: which "
+                            "tokenizer its ids mean is unknown")
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise GPTForgeError(f"{where}: field 'tokenizer' must be an object with a name, got {record!r:.80}")
+    if record["name"] == NAME:
+        return Tokenizer()
+    path = directory / TOKENIZER_FILE
+    tok = Tokenizer.load(path, sha256=record.get("sha256"), where=where)
+    if tok.name != record["name"]:
+        raise GPTForgeError(f"{path}: is tokenizer {tok.name}, but {where} names {record['name']}")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,3 +260,23 @@ def test_changed_shard_stops_every_rank_under_torchrun(data, tmp_path):
     assert "train_000003.npy: sha256 is" in p.stderr, p.stderr[-3000:]  # rank 0, which hashed
     assert "shard verification failed on another rank" in p.stderr, p.stderr[-3000:]  # rank 1 was told, not left waiting
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_one_strict_sha256sums_format_for_every_directory(tmp_path):
+    """fsutil.read_sums reads what sha256sum writes (text and binary mode) and nothing else."""
+    from gptforge import fsutil
+
+    digest = hashlib.sha256(b"x").hexdigest()
+    fsutil.write_sums(tmp_path, {"b.json": digest, "a.bin": digest})
+    assert (tmp_path / SUMS).read_text() == f"{digest}  a.bin\n{digest}  b.json\n"
+    assert fsutil.read_sums(tmp_path) == {"a.bin": digest, "b.json": digest}
+    (tmp_path / SUMS).write_text(f"{digest} *sub/c.bin\n")
+    assert fsutil.read_sums(tmp_path) == {"sub/c.bin": digest}
+    for bad, why in ((f"{digest.upper()}  a.bin", "is not"), (f"{digest[:-1]}  a.bin", "is not"), (f"{digest}\ta.bin", "is not"),
+                     (f"{digest}  a.bin\n{digest}  a.bin", "a second time"), (f"{digest}  ../a.bin", "outside"),
+                     (f"{digest}  /etc/passwd", "outside"), (f"{digest}  sub/../../a.bin", "outside")):
+        (tmp_path / SUMS).write_text(bad + "\n")
+        with pytest.raises(GPTForgeError, match=rf"SHA256SUMS: line \d .*{why}"):
+            fsutil.read_sums(tmp_path)
+    (tmp_path / SUMS).unlink()
+    assert fsutil.read_sums(tmp_path) is None

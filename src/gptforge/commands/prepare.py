@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     if not args.out:
         raise GPTForgeError("--out DIR is required")
 
-    from gptforge.data.prepare import DEFAULT_SHARD_TOKENS, prepare
+    from gptforge.data.prepare import DEFAULT_SHARD_TOKENS, prepare, summary
 
     t0 = time.perf_counter()
     manifest = prepare(
@@ -90,11 +90,5 @@ def main(argv: list[str]) -> int:
         tokenizer_max_chars=args.tokenizer_max_chars,
         tokenizer_pattern=args.tokenizer_pattern,
     )
-    dt = time.perf_counter() - t0
-    splits = manifest["splits"]
-    docs = manifest["documents"]
-    parts = [f"{name}: {body['num_tokens']:,} tokens, {body['num_documents']:,} documents, {len(body['shards'])} shards"
-             for name, body in sorted(splits.items(), key=lambda kv: kv[0] != "val") if body["shards"]]
-    skipped = f", {docs['files_skipped']} files skipped" if docs.get("files_skipped") else ""
-    print(f"{args.out}: " + "; ".join(parts) + f"{skipped} ({dt:.1f}s, tokenizer {manifest['tokenizer']})")
+    print(summary(args.out, manifest, time.perf_counter() - t0))
     return 0

@@ -20,7 +20,6 @@ The manifest is written last: a directory without one is not (yet) a prepared da
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from typing import Iterable
 
 import numpy as np
 
+from gptforge import tokenizer as tk
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import atomic_path
+from gptforge.fsutil import atomic_path, read_json
+from gptforge.fsutil import write_json as write_json  # the data package's name for it
 
 MANIFEST = "manifest.json"
 FORMAT = "gptforge-shards"
@@ -103,12 +104,6 @@ def shard_entry(path: str | os.PathLike, eot_id: int) -> dict:
     return {"file": path.name, "num_tokens": int(arr.shape[0]), "num_documents": docs, "sha256": file_sha256(path)}
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-    """Atomically (temp name, fsync, rename), deterministically (sorted keys)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
     write_json(Path(data_dir) / MANIFEST, manifest)
 
@@ -120,12 +115,10 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not data_dir.is_dir():
         raise GPTForgeError(f"{data_dir}: no such data directory (create one with gptforge prepare SOURCE... --out {data_dir})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path)
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found; {data_dir} is not a prepared data directory (or its preparation did not finish)") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GPTForgeError(f"{path}: unreadable or not JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if manifest.get("format") != FORMAT:
         raise GPTForgeError(f"{path}: not a gptforge shard manifest (format is not {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise GPTForgeError(f"{path}: manifest version {manifest.get('version')!r}, this gptforge reads version {VERSION}")
@@ -156,26 +149,10 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def data_tokenizer(data_dir: str | os.PathLike, manifest: dict | None = None):
+def data_tokenizer(data_dir: str | os.PathLike, manifest: dict | None = None) -> tk.Tokenizer:
     """The tokenizer a prepared directory was made with: GPT-2's, or the trained one stored in it
-    (checked against the manifest's sha256, name and vocabulary size)."""
-    from gptforge import tokenizer as tk
-
-    data_dir = Path(data_dir)
-    manifest = manifest if manifest is not None else read_manifest(data_dir)
-    where = str(data_dir / MANIFEST)
-    if "tokenizer_file" not in manifest:
-        tok = tk.Tokenizer()
-    else:
-        rel = Path(manifest["tokenizer_file"])
-        if rel.is_absolute() or ".." in rel.parts:
-            raise GPTForgeError(f"{where}: tokenizer_file {manifest['tokenizer_file']!r} must lie inside the data directory")
-        tok = tk.Tokenizer.load(data_dir / rel, sha256=manifest["tokenizer_sha256"], where=where)
-    if (tok.name, tok.vocab_size, tok.eot_id) != (manifest["tokenizer"], manifest["vocab_size"], manifest["eot_id"]):
-        raise GPTForgeError(
-            f"{where}: names tokenizer {manifest['tokenizer']} ({manifest['vocab_size']} ids, EOT {manifest['eot_id']}), "
-            f"but its tokenizer file is {tok.name} ({tok.vocab_size} ids, EOT {tok.eot_id})")
-    return tok
+    (checked against the manifest's sha256, name and vocabulary size; tokenizer.of_data)."""
+    return tk.of_data(data_dir, manifest if manifest is not None else read_manifest(data_dir))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -55,17 +55,19 @@ def estimate_chars(srcs: list[_src.Source]) -> int | None:
     return total
 
 
+def _warn_above_bars(msg: str) -> None:
+    tqdm.write(f"gptforge: warning: {msg}", file=sys.stderr)  # not through the bar
+
+
 def sample_documents(srcs: list[_src.Source], max_chars: int, *, text_field: str = "text", split: str = "train",
                      strict: bool = False, stats: _src.SourceStats | None = None, progress: bool = True,
-                     info: dict | None = None) -> Iterator[str]:
+                     info: dict | None = None, warn: Callable[[str], None] = _warn_above_bars) -> Iterator[str]:
     """The documents (or their beginnings) of the sample described in the module doc; `info` gets
     the counts (documents and characters read and taken) when the iterator is exhausted."""
     estimate = estimate_chars(srcs)
     fraction = 1.0 if not estimate else min(1.0, max_chars / estimate)
     stats = stats if stats is not None else _src.SourceStats()
-    docs = _src.iter_documents(
-        srcs, text_field=text_field, split=split, strict=strict, stats=stats,
-        warn=lambda msg: tqdm.write(f"gptforge: warning: {msg}", file=sys.stderr))
+    docs = _src.iter_documents(srcs, text_field=text_field, split=split, strict=strict, stats=stats, warn=warn)
     total = max_chars if estimate is None else min(max_chars, int(estimate * fraction))
     bar = tqdm(total=total, desc="reading text", unit=" chars", unit_scale=True, disable=not progress,
                mininterval=0.2 if sys.stderr.isatty() else 30.0)
@@ -87,7 +89,7 @@ def sample_documents(srcs: list[_src.Source], max_chars: int, *, text_field: str
 
 
 def train_tokenizer(
-    sources: list[str],
+    sources: "list[str] | list[_src.Source]",
     out_dir: str | os.PathLike,
     vocab_size: int,
     *,
@@ -98,9 +100,10 @@ def train_tokenizer(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    warn: Callable[[str], None] = _warn_above_bars,
 ) -> tk.Tokenizer:
-    """Train a byte-level BPE on a sample of `sources` and write its directory to `out_dir`
-    (atomically: complete or not at all). Returns the tokenizer."""
+    """Train a byte-level BPE on a sample of `sources` (names, or resolved Sources) and write its
+    directory to `out_dir` (atomically: complete or not at all). Returns the tokenizer."""
     tk.check_vocab_size(vocab_size)
     if not isinstance(max_chars, int) or max_chars < 1:
         raise GPTForgeError(f"--max-chars must be a positive integer, got {max_chars!r}")
@@ -109,17 +112,15 @@ def train_tokenizer(
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
-    srcs = _src.resolve_all(sources)
+    srcs = sources if sources and all(isinstance(s, _src.Source) for s in sources) else _src.resolve_all(sources)
     stats = _src.SourceStats()
     info: dict = {}
     t0 = time.perf_counter()
     docs = sample_documents(srcs, max_chars, text_field=text_field, split=split, strict=strict, stats=stats,
-                            progress=progress, info=info)
-    texts = _nonempty_or_error(docs, sources, stats)
-    from gptforge.data.prepare import portable_path
-
+                            progress=progress, info=info, warn=warn)
+    texts = _nonempty_or_error(docs, [s.spec for s in srcs], stats)
     trained = {
-        "sources": [s.spec if s.is_hf or s.spec == _src.STDLIB else portable_path(s.spec, out) for s in srcs],
+        "sources": [s.spec if s.is_hf or s.spec == _src.STDLIB else _src.portable_path(s.spec, out) for s in srcs],
         "max_chars": max_chars, "text_field": text_field, "split": split,
     }
     tok = tk.train_bpe(texts, vocab_size, pattern, trained)

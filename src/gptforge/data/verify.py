@@ -18,7 +18,6 @@ hashes; the other ranks wait for its verdict.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import sys
@@ -31,7 +30,8 @@ import numpy as np
 
 from gptforge.data import shards
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import atomic_write_text, sha256_file
+from gptforge.data.encode import default_workers
+from gptforge.fsutil import cache_root, read_json, sha256_file, write_json
 
 CACHE_VERSION = 1
 BLOCK = 1 << 20  # bytes read per hash update: as fast as larger blocks, and little memory per thread
@@ -39,10 +39,8 @@ LONG = 1 << 30  # bytes to hash from which a log is told (before, if not a termi
 
 
 def cache_path(data_dir: str | os.PathLike) -> Path:
-    from gptforge.data.prepare import default_cache_dir
-
     key = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:20]
-    return default_cache_dir() / "verified" / f"{key}.json"
+    return cache_root() / "verified" / f"{key}.json"
 
 
 def _key(path: Path) -> list[int]:
@@ -53,10 +51,10 @@ def _key(path: Path) -> list[int]:
 def _read_cache(path: Path, data_dir: Path) -> dict[str, dict]:
     """The remembered shards of data_dir; anything unreadable or foreign counts as nothing remembered."""
     try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cache = read_json(path)
+    except (OSError, GPTForgeError):
         return {}
-    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or cache.get("data_dir") != str(data_dir):
+    if cache.get("version") != CACHE_VERSION or cache.get("data_dir") != str(data_dir):
         return {}
     found = cache.get("shards")
     return found if isinstance(found, dict) else {}
@@ -66,7 +64,7 @@ def _write_cache(path: Path, data_dir: Path, verified: dict[str, dict]) -> None:
     body = {"version": CACHE_VERSION, "data_dir": str(data_dir), "shards": verified}
     try:
         _prune(path.parent)
-        atomic_write_text(path, json.dumps(body, indent=1, sort_keys=True) + "\n")
+        write_json(path, body)
     except OSError:  # a read-only cache: the next start hashes again, nothing worse
         pass
 
@@ -77,8 +75,8 @@ def _prune(cache_dir: Path) -> None:
         return
     for p in cache_dir.glob("*.json"):
         try:
-            gone = not Path(json.loads(p.read_text(encoding="utf-8"))["data_dir"]).is_dir()
-        except (OSError, ValueError, KeyError, TypeError):
+            gone = not Path(read_json(p)["data_dir"]).is_dir()
+        except (OSError, GPTForgeError, KeyError, TypeError):
             gone = True
         if gone:
             p.unlink(missing_ok=True)
@@ -118,8 +116,6 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict | None = None, *, 
     naming the first shard that differs (and how many more do).
     """
     from tqdm import tqdm
-
-    from gptforge.data.prepare import default_workers
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir).resolve()

@@ -208,8 +208,8 @@ def format_reference() -> str:
 
 
 def default_cache_dir() -> Path:
-    """The gptforge cache (see gptforge.data.prepare.default_cache_dir) + /hellaswag."""
-    from gptforge.data.prepare import default_cache_dir as cache_root
+    """The gptforge cache (gptforge.fsutil.cache_root) + /hellaswag."""
+    from gptforge.fsutil import cache_root
 
     return cache_root() / "hellaswag"
 
