@@ -348,3 +348,40 @@ def test_two_gloo_ranks_give_one_process_numbers(ckpt, tmp_path):
         for k in ("n", "acc", "acc_per_char", "chance", "centered", "bpb"):
             if k in ta:
                 assert ta[k] == pytest.approx(tb[k], abs=1e-9), k
+
+
+# --- in the loop ------------------------------------------------------------------------------
+
+
+def test_loop_spec_parses_and_rejects_bad_limits():
+    from gptforge.eval.downstream import LOOP_LIMIT, parse_loop_tasks
+
+    specs, limit = parse_loop_tasks("hellaswag,piqa@50")
+    assert [s.task for s in specs] == ["hellaswag", "piqa"] and limit == 50
+    assert parse_loop_tasks("small")[1] == LOOP_LIMIT
+    with pytest.raises(GPTForgeError, match="after '@' give the examples per task"):
+        parse_loop_tasks("small@x")
+
+
+@needs_data
+@pytest.mark.slow
+def test_training_with_eval_tasks_logs_and_plots_accuracy(tmp_path, shards_dir):
+    from gptforge import config as C
+    from gptforge.plot import choose_panels, plot_runs, read_metrics
+    from gptforge.training.trainer import train
+
+    run = tmp_path / "run"
+    over = {"model.preset": "nano", "model.arch": "gpt2", "data.dir": str(shards_dir), "data.seq_len": "32",
+            "data.prefetch": "0", "optim.batch_tokens": "256", "optim.micro_batch_size": "8", "run.dir": str(run),
+            "run.max_steps": "4", "run.eval_every": "2", "run.eval_tokens": "512", "run.ckpt_every": "0",
+            "run.sample_tokens": "0", "run.device": "cpu", "run.precision": "fp32", "run.peak_tflops": "1.0",
+            "run.eval_tasks": "hellaswag,winogrande,lambada@4"}
+    train(C.resolve(None, list(over.items())), progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = [r for r in rows if "tasks_centered" in r]
+    assert [r["step"] for r in acc] == [2, 4]
+    assert {"acc_hellaswag", "acc_winogrande", "acc_lambada"} <= set(acc[0]) and acc[0]["tokens"] == 512
+    m = read_metrics(run)
+    assert [r["step"] for r in m.tasks] == [2, 4]
+    assert ("tasks", "tasks_centered", "downstream: mean centered accuracy") in choose_panels([m])[0]
+    assert plot_runs([run], tmp_path / "p.png").stat().st_size > 0

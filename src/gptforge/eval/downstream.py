@@ -350,3 +350,30 @@ def format_table(results: list[TaskResult]) -> str:
         k = sum(r.kind == "choice" for r in results)
         lines.append(f"headline: mean centered accuracy over {k} task(s) = {h:.4f}")
     return "\n".join(lines)
+
+
+LOOP_LIMIT = 200  # examples per task in training, unless run.eval_tasks says "LIST@N"
+
+
+def parse_loop_tasks(value: str) -> tuple[list[TaskSpec], int]:
+    """run.eval_tasks: "small" or "hellaswag,piqa@100" -> (specs, examples per task)."""
+    from gptforge.eval.tasks import parse_names
+
+    names, _, n = value.partition("@")
+    try:
+        limit = int(n) if n else LOOP_LIMIT
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise GPTForgeError(f"run.eval_tasks: {value!r}: after '@' give the examples per task (> 0), e.g. small@100")
+    return parse_names(names), limit
+
+
+def evaluate_loop_tasks(model, tokenizer, value: str, runtime) -> dict:
+    """The training loop's figures, flat for metrics.jsonl: tasks_centered (the headline: mean
+    centered accuracy) and acc_<task> (each task's primary metric)."""
+    specs, limit = parse_loop_tasks(value)
+    results = [evaluate_task(model, load_task(s, limit), tokenizer, runtime) for s in specs]
+    row = {f"acc_{r.spec.task}": r.metrics[r.metrics["primary_metric"]] for r in results}
+    h = headline(results)
+    return row if h is None else {"tasks_centered": h, **row}
