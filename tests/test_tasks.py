@@ -323,6 +323,8 @@ def test_eval_tasks_bad_names_are_one_line(ckpt, capsys):
     err = capsys.readouterr().err
     assert "unknown task 'nope'; known tasks:" in err and len(err.strip().splitlines()) == 1
     assert cli.main(["eval", str(ckpt), "--tasks", "piqa", "--limit", "0"]) == 1
+    assert cli.main(["eval", str(ckpt), "--tasks", "piqa", "--out", str(ckpt / "no" / "r.json")]) == 1
+    assert "its directory does not exist" in capsys.readouterr().err
 
 
 @needs_data

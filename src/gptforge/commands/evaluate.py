@@ -74,6 +74,8 @@ def evaluate(
         problems.append(f"--limit must be > 0, got {limit}")
     if out is not None and not tasks:
         problems.append("--out writes the results of --tasks: pass --tasks LIST")
+    elif out is not None and not Path(out).resolve().parent.is_dir():
+        problems.append(f"--out {out}: its directory does not exist")
     if problems:
         raise GPTForgeError("; ".join(problems))
     specs = None

@@ -222,7 +222,10 @@ def score(model, encoded: list[list[Row]], runtime, want_logits: bool = False, b
           share_context: bool | None = None, progress: str | None = None) -> Scores:
     """Per-request scores; under torch.distributed each rank runs its share and all get the totals.
     `progress`: a label for a progress bar on rank 0 (None: no bar)."""
-    block_size = unwrap(model).config.block_size
+    # the bare model: no DDP forward, and no recompiles of a torch.compile'd one for every new
+    # length (FSDP2 shards in place, so its all-gathers still run)
+    model = unwrap(model)
+    block_size = model.config.block_size
     n = sum(len(rows) for rows in encoded)
     jobs = plan(encoded, block_size, batch_tokens, share_context)
     rank, world = _dist()
