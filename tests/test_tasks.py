@@ -186,8 +186,9 @@ def hf_loglikelihoods(hf_dir: Path, task: T.Task, block_size: int) -> list[float
                 cont = tok.encode(r.continuation, add_special_tokens=False)
                 ids = (ctx + cont)[-block_size:]
                 n = min(len(cont), len(ids) - 1)
-                logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)  # (L, V)
-                out.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids))))
+                t = torch.arange(len(ids) - n, len(ids))  # the continuation's positions
+                logits = hf(torch.tensor([ids])).logits[0, t - 1].double()  # (n, V): the rows that predict them
+                out.append(torch.log_softmax(logits, dim=-1)[torch.arange(n), torch.tensor(ids)[t]].sum().item())
     return out
 
 
