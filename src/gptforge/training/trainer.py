@@ -349,6 +349,12 @@ class Trainer:
                          "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]})
         self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}")
         self.val_bpb = out["bpb"]
+        if self.cfg.run.eval_tasks:  # downstream accuracy beside the loss (gptforge.eval.downstream)
+            from gptforge.eval.downstream import evaluate_loop_tasks
+
+            acc = evaluate_loop_tasks(self.model, self.tokenizer, self.cfg.run.eval_tasks, self.rt)
+            self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens, **acc})
+            self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
         return out["loss"]
 
     def hellaswag(self) -> None:
