@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from gptforge import config as C
+from gptforge.training import plan as P
 from gptforge.errors import GPTForgeError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
@@ -18,8 +19,8 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_validates(path):
     cfg = C.resolve(path)
-    per_rank = C.per_rank_sequences(cfg.optim.batch_tokens, C.seq_len_of(cfg))  # micro-batch auto (0) takes a divisor
-    plan = C.BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size or per_rank, C.seq_len_of(cfg))
+    per_rank = P.per_rank_sequences(cfg.optim.batch_tokens, P.seq_len_of(cfg))  # micro-batch auto (0) takes a divisor
+    plan = P.BatchPlan.make(cfg.optim.batch_tokens, cfg.optim.micro_batch_size or per_rank, P.seq_len_of(cfg))
     assert plan.grad_accum_steps >= 1
 
 
@@ -35,7 +36,7 @@ def test_gpt2_124m_is_the_build_nanogpt_recipe():
     assert (o.batch_tokens, o.lr, o.warmup_steps, o.decay_steps, o.weight_decay) == (524288, 6e-4, 715, 19073, 0.1)
     assert (o.beta1, o.beta2, o.eps, o.grad_clip, o.min_lr_ratio) == (0.9, 0.95, 1e-8, 1.0, 0.1)
     assert cfg.model.gpt_config().padded_vocab_size == 50304
-    assert (cfg.run.precision, cfg.run.compile, C.seq_len_of(cfg)) == ("bf16", True, 1024)
+    assert (cfg.run.precision, cfg.run.compile, P.seq_len_of(cfg)) == ("bf16", True, 1024)
 
 
 def test_packaged_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
@@ -104,9 +105,9 @@ def test_invalid_values_reported_together():
 
 def test_batch_that_does_not_divide():
     with pytest.raises(GPTForgeError, match=r"optim.batch_tokens \(1000\) must be a multiple of .* = 4 \* 64 \* 2 = 512"):
-        C.BatchPlan.make(1000, 4, 64, 2)
-    assert C.BatchPlan.make(524288, 64, 1024, 8).grad_accum_steps == 1
-    assert C.BatchPlan.make(524288, 16, 1024, 1).grad_accum_steps == 32
+        P.BatchPlan.make(1000, 4, 64, 2)
+    assert P.BatchPlan.make(524288, 64, 1024, 8).grad_accum_steps == 1
+    assert P.BatchPlan.make(524288, 16, 1024, 1).grad_accum_steps == 32
 
 
 def test_seq_len_longer_than_block():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gptforge import config as C
+from gptforge.training import plan
 from gptforge import loss as L
 from gptforge.device import Runtime
 from gptforge.loss import HeadLoss
@@ -140,7 +141,7 @@ def test_gpt2_124m_config_runs_plain_compiled_logits_on_an_80gb_gpu(gpu_memory):
     assert cfg.run.compile and cfg.optim.micro_batch_size == 0 and cfg.data.seq_len == 1024
     vp = cfg.model.gpt_config().padded_vocab_size
     for ranks in (1, 8):
-        rows = C.per_rank_sequences(cfg.optim.batch_tokens, 1024, ranks) * 1024
+        rows = plan.per_rank_sequences(cfg.optim.batch_tokens, 1024, ranks) * 1024
         h = choose_lm_head_loss(cfg.run.lm_head_loss, GPU, True, rows, vp, cfg.run.precision, micro_auto=True)
         assert (h.path, h.compiled) == ("plain", True), h
         assert "16,384 tokens' logits would take ~4.6 GiB of 80 GiB" in h.why

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gptforge import config as C
+from gptforge.training import plan
 from gptforge import device as D
 from gptforge import measure as M
 from gptforge.errors import GPTForgeError
@@ -209,7 +210,7 @@ class TrainConfigDefaults:
     @staticmethod
     def batch() -> int:
         cfg = C.TrainConfig()
-        return cfg.optim.micro_batch_size * C.seq_len_of(cfg) + 1
+        return cfg.optim.micro_batch_size * plan.seq_len_of(cfg) + 1
 
 
 def _stdlib_corpus(dst: Path, tokens: int) -> int:

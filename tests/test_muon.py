@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gptforge import config as C
+from gptforge.training import plan as P
 from gptforge.errors import GPTForgeError
 from gptforge.model import GPT, preset
 from gptforge.training import checkpoint as ckpt
@@ -181,7 +182,7 @@ def test_cosine_unchanged_and_groups_share_the_multiplier():
     ("optim.muon_weight_decay", "-1", "optim.muon_weight_decay must be a number >= 0, got -1.0"),
     ("optim.muon_adjust_lr", "spectral", "optim.muon_adjust_lr must be one of original, match_rms_adamw, got 'spectral'"),
     ("optim.embed_lr", "-1e-3", "optim.embed_lr must be a number >= 0 (0 = optim.lr), got -0.001"),
-    ("optim.head_lr", "nan", "optim.head_lr must be a number >= 0 (0 = optim.lr), got nan"),
+    ("optim.head_lr", "nan", "--optim.head_lr: optim.head_lr expects a finite number, got 'nan'"),
 ])
 def test_bad_values_are_one_line_naming_the_key(key, value, message):
     with pytest.raises(GPTForgeError) as e:
@@ -190,31 +191,35 @@ def test_bad_values_are_one_line_naming_the_key(key, value, message):
 
 
 def test_fsdp_with_muon_is_refused_naming_ddp():
+    """Refused by `gptforge train` before anything is built (the trainer refuses it again with the
+    built model's arch, which model.init_from decides)."""
+    from gptforge.commands.train import build_config
+
     with pytest.raises(GPTForgeError) as e:
-        C.resolve(None, [("optim.name", "muon"), ("run.dist", "fsdp")])
+        build_config(["--optim.name", "muon", "--run.dist", "fsdp"])
     assert "optim.name muon does not run under run.dist fsdp" in str(e.value) and "--run.dist ddp" in str(e.value)
     assert "\n" not in str(e.value)
-    C.resolve(None, [("optim.name", "muon"), ("run.dist", "ddp")])
-    C.resolve(None, [("optim.name", "adamw"), ("run.dist", "fsdp")])
-    assert C.optimizer_name(C.resolve(None, [("optim.name", "muon")])) == "muon"
+    build_config(["--optim.name", "muon", "--run.dist", "ddp"])
+    build_config(["--optim.name", "adamw", "--run.dist", "fsdp"])
+    assert P.optimizer_name(C.resolve(None, [("optim.name", "muon")])) == "muon"
 
 
 def test_auto_is_muon_for_the_modern_recipe_and_adamw_for_gpt2():
-    assert C.optimizer_name(C.resolve(None, [])) == "muon"  # the default run is the modern recipe's
-    assert C.optimizer_name(C.resolve(None, [("model.arch", "gpt2")])) == "adamw"  # GPT-2 as in 2019
-    assert C.optimizer_name(C.resolve(None, [("model.arch", "modern"), ("optim.name", "adamw")])) == "adamw"
+    assert P.optimizer_name(C.resolve(None, [])) == "muon"  # the default run is the modern recipe's
+    assert P.optimizer_name(C.resolve(None, [("model.arch", "gpt2")])) == "adamw"  # GPT-2 as in 2019
+    assert P.optimizer_name(C.resolve(None, [("model.arch", "modern"), ("optim.name", "adamw")])) == "adamw"
     # with init_from the model's arch is the source's, which the trainer passes
-    assert C.optimizer_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "adamw"
+    assert P.optimizer_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "adamw"
     with pytest.raises(GPTForgeError, match=r"optim.name muon \(optim.name auto chose it for model.arch modern\) "
                                             r"does not run under run.dist fsdp.*use --run.dist ddp"):
-        C.resolve(None, [("run.dist", "fsdp")])
+        P.check(C.resolve(None, [("run.dist", "fsdp")]))
 
 
 def test_schedule_auto_is_wsd_for_the_modern_recipe_and_cosine_for_gpt2():
-    assert C.schedule_name(C.resolve(None, [])) == "wsd"  # measured with the modern recipe
-    assert C.schedule_name(C.resolve(None, [("model.arch", "gpt2")])) == "cosine"  # sweep_lr's
-    assert C.schedule_name(C.resolve(None, [("optim.schedule", "cosine")])) == "cosine"
-    assert C.schedule_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "cosine"
+    assert P.schedule_name(C.resolve(None, [])) == "wsd"  # measured with the modern recipe
+    assert P.schedule_name(C.resolve(None, [("model.arch", "gpt2")])) == "cosine"  # sweep_lr's
+    assert P.schedule_name(C.resolve(None, [("optim.schedule", "cosine")])) == "cosine"
+    assert P.schedule_name(C.resolve(None, [("model.init_from", "gpt2")]), arch="gpt2") == "cosine"
     with pytest.raises(ValueError, match="resolved schedule"):
         lr_at(0, C.OptimArgs(), 10)  # auto means nothing until the arch is known
 
@@ -278,8 +283,8 @@ def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path, shards_dir
 
 
 def test_spike_guard_skips_a_muon_step_without_any_update(tmp_path, shards_dir, monkeypatch):
-    """A garbage batch at step 18: the guard skips it; Muon cannot take the device-side mask, so the
-    host decides, and neither the weights nor Muon's momentum nor AdamW's step count move."""
+    """A garbage batch at step 18: the guard skips it (the host reads each step before its update
+    while the guard is on), and neither the weights nor Muon's momentum nor AdamW's step count move."""
     cfg = muon_cfg(tmp_path / "run", shards_dir, **{"run.max_steps": 20, "run.ckpt_every": 0, "optim.spike_guard": "on",
                                                    "optim.spike_k": 4, "optim.spike_window": 8, "run.sample_tokens": 0})
     trainer = Trainer(cfg, progress=False)

@@ -146,17 +146,18 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, shards_dir
     assert torch.load(ckpts[0][1] / "state.pt", weights_only=True)["step"] == 2
 
 
-def test_nan_loss_between_logging_steps_stops_with_its_step_and_no_update_after_it(tmp_path, shards_dir, monkeypatch):
-    """log_every 4, fused AdamW (the GPU's path: the host reads only when it logs or before a
-    checkpoint). Step 2's loss is NaN and nobody reads it then: its update and step 3's, queued
-    behind it, are masked on the device; the read before step 4's checkpoint stops the run with
-    the usual message naming step 2. The checkpoint left is step 2's, and the weights in memory
-    are still exactly its weights."""
+@pytest.mark.parametrize("optimizer", ["fused", "foreach", "muon"])
+def test_nan_loss_between_logging_steps_stops_with_its_step_and_keeps_the_last_checkpoint(
+        tmp_path, shards_dir, monkeypatch, optimizer):
+    """log_every 4, spike guard off: the host reads only when it logs or before a checkpoint, for
+    every optimizer shipped. Step 2's loss is NaN and nobody reads it then; the read before step
+    4's checkpoint stops the run with the usual message naming step 2, and the checkpoint left is
+    step 2's, as it was written."""
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    trainer = Trainer(small_cfg(run, shards_dir, **{"run.ckpt_every": 2, "run.log_every": 4, "optim.fused": "on"}),
-                      progress=False)
+    over = {"fused": {"optim.fused": "on"}, "foreach": {"optim.fused": "off"}, "muon": {"optim.name": "muon"}}[optimizer]
+    trainer = Trainer(small_cfg(run, shards_dir, **{"run.ckpt_every": 2, "run.log_every": 4, **over}), progress=False)
     real_forward = trainer.model.forward
 
     def forward(idx, targets=None, **kw):
@@ -168,13 +169,61 @@ def test_nan_loss_between_logging_steps_stops_with_its_step_and_no_update_after_
     monkeypatch.setattr(trainer.model, "forward", forward)
     with pytest.raises(GPTForgeError, match=r"loss is nan at step 2; stopping"):
         trainer.run()
-    assert trainer.step == 4  # step 3 was queued before the read
+    assert trainer.step == 4  # step 3 ran before the read
     ckpts = ckpt.list_checkpoints(run)
     assert [s for s, _ in ckpts] == [2]
     saved = load_file(ckpts[0][1] / "model.safetensors")
-    for name, p in trainer.model.state_dict().items():
-        if name in saved:
-            assert torch.equal(p, saved[name]), f"{name} was updated after the last good step"
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach", "muon"])
+@pytest.mark.parametrize("guard", ["off", "on"])
+def test_the_host_reads_the_device_only_when_it_logs_unless_the_guard_is_on(
+        tmp_path, shards_dir, monkeypatch, optimizer, guard):
+    """log_every 4 over 8 steps: with the spike guard off no step between logging steps reads the
+    device (no .item(), .tolist(), float(), bool() of a tensor, no synchronize), whatever the
+    optimizer (fused AdamW, for-each AdamW, MuonAdamW): steps 0 and 4 each read once, in one
+    transfer, the values of the steps since the last read. With the guard on, every step reads
+    once, before its update. The losses are those of a run that reads every step."""
+    from gptforge.training import distributed as distrib
+    from gptforge.training import trainer as trainer_mod
+
+    over = {"fused": {"optim.fused": "on"}, "foreach": {"optim.fused": "off"}, "muon": {"optim.name": "muon"}}[optimizer]
+    cfg = lambda name, **more: small_cfg(tmp_path / name, shards_dir, **{"run.max_steps": 8, "data.order": "sequential",  # noqa: E731
+                                                                         "optim.spike_guard": guard, **over, **more})
+    quiet, every = Trainer(cfg("quiet", **{"run.log_every": 4}), progress=False), Trainer(cfg("every"), progress=False)
+    reads, syncs = [], []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a):
+            if "gptforge" in sys._getframe(1).f_code.co_filename:  # ours; torch's own CPU-side counters aside
+                reads.append((quiet.step, name))
+            return original(self, *a)
+        return read
+
+    try:
+        want = [every.train_step()["loss"] for _ in range(8)]
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, counted(name))
+        monkeypatch.setattr(trainer_mod, "synchronize", lambda device: syncs.append(quiet.step))
+        host_values = distrib.host_values
+        monkeypatch.setattr(distrib, "host_values", lambda *ts: reads.append((quiet.step, "host_values")) or host_values(*ts))
+        rows = [quiet.train_step() for _ in range(8)]
+        monkeypatch.undo()
+        read_steps = sorted({s for s, _ in reads})
+        assert read_steps == ([0, 4] if guard == "off" else list(range(8))), reads
+        assert [n for _, n in reads] == ["host_values", "tolist"] * len(read_steps)  # one transfer each
+        assert syncs == [0, 0, 4, 4]
+        if guard == "off":
+            assert ["loss" in r for r in rows] == [True] * 5 + [False] * 3  # 5..7: on the device still
+        quiet.read_values()  # what the loop does before an evaluation, a checkpoint, the end
+        assert [r["loss"] for r in rows] == want
+    finally:
+        for t in (quiet, every):
+            t.loader.close()
+            t.val_loader.close()
 
 
 def test_resume_with_other_architecture_is_refused(tmp_path, shards_dir):

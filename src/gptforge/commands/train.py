@@ -5,7 +5,12 @@ from __future__ import annotations
 import sys
 
 from gptforge import config as C
+from gptforge.commands.options import expand_aliases, usage_note
 from gptforge.errors import GPTForgeError
+from gptforge.training import plan
+from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
+from gptforge.training.distributed import DistEnv
+from gptforge.training.trainer import train
 
 USAGE = """usage: gptforge train [--config FILE|NAME] [--resume DIR|auto] [--section.key VALUE ...]
 
@@ -17,6 +22,9 @@ On resume the checkpoint's saved config is the base, and --config / overrides ap
 
 options:
 """
+
+
+EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT / SIGTERM, as the shell reports them
 
 
 def split_args(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
@@ -45,10 +53,6 @@ def split_args(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
 
 def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
     """The resolved config and the resume request, from the command line."""
-    from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
-
-    from gptforge.commands.options import expand_aliases
-
     config_file, resume, rest = split_args(expand_aliases(argv))
     overrides = C.parse_overrides(rest)
     cfg = C.resolve(config_file, overrides)
@@ -65,28 +69,23 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
             resume = str(found)
         else:
             resume = None  # auto with nothing to resume: a fresh run
-    return cfg, resume
+    return plan.check(cfg), resume
 
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        from gptforge.commands.options import usage_note
-
         print(USAGE + "  --config FILE   TOML file with [model] [data] [optim] [run] tables, or a packaged one by name\n"
               f"                  from any directory: {', '.join(sorted(C.packaged_configs()))}\n"
               "  --resume R      auto | checkpoint dir | run dir\n"
               f"  {usage_note()}\n\n" + C.describe())
         return 0
     cfg, resume = build_config(argv)
-    from gptforge.training.distributed import DistEnv
-    from gptforge.training.trainer import train
-
     result = train(cfg, resume=resume)
     if result.sample:
         print("\n--- sample ---\n" + result.sample + "\n--------------", flush=True)
     if result.val_loss is not None and DistEnv.from_env().is_main:  # under torchrun, rank 0 speaks
         print(f"final val loss {result.val_loss:.4f} after {result.step} steps; checkpoint {result.last_checkpoint}")
-    return 130 if result.stopped == "interrupted" else 0
+    return EXIT_CODES.get(result.stopped, 0)
 
 
 if __name__ == "__main__":

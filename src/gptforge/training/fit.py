@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from gptforge.config import per_rank_sequences
 from gptforge.errors import GPTForgeError
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
+from gptforge.training.plan import per_rank_sequences
 
 RAM_FRACTION = 0.6  # of the RAM available at start: the OS, the data loader and others need the rest
 BACKWARD_FACTOR = 2.0  # peak memory per sequence / bytes saved for backward (activation grads, transients)
@@ -245,14 +247,10 @@ def saved_bytes_per_sequence(model, train_model, rt, seq_len: int) -> int:
 
 
 def available_ram() -> int:
-    import psutil
-
     return psutil.virtual_memory().available
 
 
 def _fit_ram(model, train_model, rt, env, seq_len, per_rank) -> tuple[int, str]:
-    import os
-
     # the raw model: a forward without backward must not leave DDP/FSDP expecting one
     per_seq = int(saved_bytes_per_sequence(model, model, rt, seq_len) * BACKWARD_FACTOR)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this RAM

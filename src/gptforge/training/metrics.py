@@ -9,7 +9,12 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from gptforge.device import Runtime
+from gptforge.fsutil import atomic_write_text
+from gptforge.measure import best_peak_tflops, cpu_matmul_rates, peak_tflops
 
 
 def fmt_tokens(n: float) -> str:
@@ -26,10 +31,76 @@ def train_line(row: dict) -> str:
     )
 
 
-class Reporter:
-    """One printer and logger for the whole run. Does nothing on ranks other than 0."""
+class Peaks:
+    """The two MFU denominators: the peak FLOP/s of the precision in use (`mfu`) and of the device's
+    best dtype (`mfu_best`); run.peak_tflops overrides both, else a GPU table or the CPU probe."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, tracker=None, progress: bool = True):
+    def __init__(self, rt: Runtime, override: float = 0.0):
+        self.rt, self.override = rt, override
+        self.peak = peak_tflops(rt.device, rt.precision, override) * 1e12
+        best, self.best_dtype = best_peak_tflops(rt.device, override)
+        self.best = max(best * 1e12, self.peak)
+        self.remeasured = False
+
+    def mfu(self, flops_per_s: float) -> tuple[float, float]:
+        """(mfu, mfu_best) of a device running at flops_per_s. A CPU probe taken on a busy machine
+        can be beaten: then it is measured again, once a run (~0.3 s)."""
+        if flops_per_s > self.peak and self.rt.device.type == "cpu" and not self.override and not self.remeasured:
+            self.remeasured = True
+            cpu_matmul_rates(refresh=True)
+            self.peak = max(self.peak, peak_tflops(self.rt.device, self.rt.precision) * 1e12)
+            best, self.best_dtype = best_peak_tflops(self.rt.device)
+            self.best = max(best * 1e12, self.peak)
+        return flops_per_s / self.peak, flops_per_s / self.best
+
+    def line(self) -> str:
+        """The two MFU denominators, as the banner states them (see the README's definitions)."""
+        return (f"MFU peak {self.rt.precision} {self.peak / 1e12:.3f} TFLOP/s; device best "
+                f"{self.best_dtype} {self.best / 1e12:.3f} TFLOP/s (mfu_best)")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+METRICS = "metrics.jsonl"
+
+
+def steps_done(row: dict) -> int:
+    """How many optimizer steps the run had taken when `row` was logged: a train row (it has the
+    step's lr) is logged at the end of its step, every other row (evaluation, event) between steps."""
+    return row["step"] + 1 if "lr" in row else row["step"]
+
+
+def trim_metrics(run_dir: Path, step: int) -> int:
+    """Drop the rows logged after `step` steps (and a line torn by a kill) from run_dir's metrics:
+    a run resumed at `step` logs those steps again. Replaces the file atomically; returns the
+    number of lines dropped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and steps_done(row) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    return len(lines) - len(keep)
+
+
+class Reporter:
+    """One printer and logger for the whole run. Does nothing on ranks other than 0. A run resumed
+    at step N (`resumed`) first drops the rows logged after step N, so no step has two rows."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, tracker=None, progress: bool = True,
+                 resumed: bool = False):
         self.enabled = enabled
         self.tracker = tracker
         self.val_bpb = None  # the last evaluation's bits per byte, kept on the bar
@@ -38,7 +109,9 @@ class Reporter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if resumed:
+            trim_metrics(run_dir, start_step)
+        self.file = open(run_dir / METRICS, "a", buffering=1)
         self.interactive = progress and sys.stderr.isatty() and not os.environ.get("CI")
         if self.interactive:
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -80,7 +80,7 @@ class MuonAdamW(torch.optim.Optimizer):
     A subclass of torch.optim.Optimizer rather than a plain holder because the trainer, fit.py
     and distributed.py treat it as any optimizer (state_dict / load_state_dict, state.clear(),
     param_groups). It cannot take GradScaler's found_inf (Muon has no such input), so it does not
-    claim `_step_supports_amp_scaling`: the trainer's host reads a step's verdict before stepping."""
+    claim `_step_supports_amp_scaling`: under fp16, GradScaler.step reads the overflow on the host."""
 
     def __init__(self, groups: list[dict], args: OptimArgs, device: torch.device):
         muon = [g for g in groups if g["kind"] == "muon"]
@@ -164,7 +164,7 @@ def lr_at(step: int, args: OptimArgs, max_steps: int) -> float:
     cosine: a half cosine from the end of warmup. wsd: flat at lr until the last decay_frac of
     the steps, then linear."""
     if args.schedule not in ("cosine", "wsd"):
-        raise ValueError(f"lr_at needs a resolved schedule (config.schedule_name), got {args.schedule!r}")
+        raise ValueError(f"lr_at needs a resolved schedule (training.plan.schedule_name), got {args.schedule!r}")
     max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
     decay_steps = args.decay_steps or max_steps
     if step < args.warmup_steps:

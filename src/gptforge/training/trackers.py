@@ -10,6 +10,7 @@ is all it needs, and `log(row)` takes the same dicts that go to metrics.jsonl.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from pathlib import Path
@@ -89,7 +90,6 @@ class TensorBoardTracker:
                 "run.log=tensorboard needs the 'tensorboard' package: pip install tensorboard "
                 "(or pip install 'gptforge[tensorboard]'), or use --run.log none"
             ) from e
-        import json
 
         self.log_dir = run_dir / TB_DIR
         self.writer = SummaryWriter(log_dir=str(self.log_dir))

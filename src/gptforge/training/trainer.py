@@ -1,7 +1,13 @@
 """The training loop: accumulation, precision, clipping, evaluation, metrics, checkpoints, resume.
 
-Everything the model must not know (device, autocast, compile, DDP/FSDP) is applied here, once.
-`train(cfg)` is the whole job; `gptforge train` is a thin parser over it.
+What a run is made of (data, tokenizer, weights, wrapping, optimizer, micro-batch) is built by
+training/build.py; this module runs it. `train(cfg)` is the whole job; `gptforge train` is a thin
+parser over it.
+
+The host reads a step's loss and grad norm when the step logs (every run.log_every-th), before
+anything that needs its outcome (an evaluation, a sample, a checkpoint, a stop, the end), and with
+the spike guard on, every step before its update (the guard judges it). Other steps leave their
+values on the device and are read later, together, in one transfer.
 """
 
 from __future__ import annotations
@@ -10,23 +16,27 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences, refuse_fsdp_muon, schedule_name
-from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
+from gptforge.config import TrainConfig
+from gptforge.device import synchronize
 from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, set_head_loss
-from gptforge.measure import best_peak_tflops, choose_lm_head_loss, cpu_matmul_rates, peak_tflops
+from gptforge.eval.downstream import evaluate_loop_tasks
+from gptforge.eval.hellaswag import download_hellaswag, evaluate_hellaswag
+from gptforge.eval.perplexity import evaluate_loss
+from gptforge.sampling import generate
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
-from gptforge.training.metrics import Reporter
-from gptforge.training.optim import describe, lr_at, make_optimizer, set_lr
+from gptforge.training.build import build, wait_for_shards
+from gptforge.training.metrics import Peaks, Reporter, device_name
+from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
+from gptforge.training.trackers import make_tracker
 
 
 @dataclass
@@ -35,154 +45,277 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
     val_loss: float | None = None
     last_checkpoint: Path | None = None
-    stopped: str = "done"  # done | interrupted | time limit
+    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit
     sample: str = ""
 
 
 class StopRequest:
-    """First Ctrl-C: finish the current step, checkpoint and exit cleanly. Second: abort now."""
+    """The first Ctrl-C or SIGTERM: finish the current step, checkpoint and exit cleanly. A second
+    signal: abort now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signal: int | None = None  # the first one received
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def reason(self) -> str:
+        return "interrupted" if self.signal == signal.SIGINT else "terminated"
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.signal is None:
+            self.signal = signum
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        else:
+            raise SystemExit(128 + signum)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
-def resolve_data_dir(cfg: TrainConfig, env: distrib.DistEnv) -> Path:
-    """The configured shard directory, or the embedded corpus (prepared once, by rank 0)."""
-    if cfg.data.dir:
-        return Path(cfg.data.dir)
-    from gptforge.data.prepare import ensure_default_corpus
+class Deadline:
+    """run.max_minutes from now (0: none)."""
 
-    if env.is_main:
-        path = ensure_default_corpus(tokenizer=cfg.data.tokenizer)
-    distrib.barrier(env)
-    if not env.is_main:
-        path = ensure_default_corpus(tokenizer=cfg.data.tokenizer)
-    return path
+    def __init__(self, minutes: float):
+        self.end = time.time() + minutes * 60 if minutes else math.inf
 
-
-def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> bool:
-    """optimizer.step(), skipped on the device where `skip` (a 0-dim bool tensor) is true: the way
-    GradScaler hands its found_inf to an optimizer that takes one (fused AdamW: the kernel leaves
-    the weights and moments as they are and the step count is put back), so no sync. Returns False,
-    having done nothing, for an optimizer that cannot (for-each or single-tensor AdamW)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
-    optimizer.found_inf, optimizer.grad_scale = skip.float(), None
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf, optimizer.grad_scale
-    return True
+    def passed(self) -> bool:
+        return time.time() > self.end
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        self.env = distrib.DistEnv.from_env()
-        self.rt = Runtime.make(distrib.device_for(self.env, cfg.run.device), cfg.run.precision)
-        distrib.init(self.env, self.rt.device)
-        if self.env.enabled and cfg.run.precision == "auto":  # one decision for all ranks: rank 0's probe
-            choice = [self.rt.precision, self.rt.chosen_by]
-            torch.distributed.broadcast_object_list(choice, src=0)
-            self.rt = Runtime(self.rt.device, *choice)
-            set_matmul_precision(self.rt.precision)
-        self.run_dir = Path(cfg.run.dir)
-        self.resume_from = ckpt.resolve_resume(resume, self.run_dir) if resume else None
-        seed_everything(cfg.run.seed)  # the same on every rank: the initial weights are drawn from it
-
-        from gptforge.data.loader import ShardLoader
-        from gptforge.training import fit, weights
-
-        data_dir = resolve_data_dir(cfg, self.env)
-        from gptforge.data import verify  # hashes in the background while the model is built
-
-        shard_check = verify.start(data_dir, enabled=cfg.data.verify, hashes_here=self.env.local_rank == 0,
-                                   progress=progress and self.env.is_main)
-        from gptforge.data.shards import data_tokenizer
-
-        # the data's tokenizer: the model's vocabulary, the samples' text, bits per byte; into every checkpoint
-        self.tokenizer = data_tokenizer(data_dir)
-        cfg.resolved["tokenizer"] = self.tokenizer.identity()
-        # random init, --resume's architecture, or model.init_from: one place (train/weights.py)
-        model, cfg.resolved["weights"] = weights.initial_model(cfg, self.resume_from, self.env, self.tokenizer,
-                                                               f"data {data_dir}")
-        refuse_cpu_fallback(cfg.run.device, self.rt.device, model.num_params(non_embedding=True))
-        seed_everything(cfg.run.seed + self.env.rank)  # then ranks apart: each its own dropout masks (the data
-        #                                                order has its own seed, the same on every rank)
-        self.model = model.to(self.rt.device)  # the raw module: saved, evaluated, sampled
-        gpt_config = self.model.config
-        self.seq_len = weights.seq_len_for(cfg, gpt_config)
-        # wrapped (and compiled: under FSDP2 block by block, before sharding) before the optimizer
-        # is built: FSDP2 replaces the parameters by their shards
-        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
-                                        activation_checkpointing=cfg.run.activation_checkpointing,
-                                        compile=cfg.run.compile)
-        arch = getattr(gpt_config, "arch", "gpt2")  # the model's own (init_from: the source's)
-        refusal = refuse_fsdp_muon(cfg, arch)
-        if refusal:
-            raise GPTForgeError(refusal)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
-        self.optim = replace(cfg.optim, schedule=schedule_name(cfg, arch))  # auto resolved
-        # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
-        # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
-        # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
-        # must run the same path; with micro-batch auto the rows are the per-rank batch's.
-        sequences = cfg.optim.micro_batch_size or per_rank_sequences(cfg.optim.batch_tokens, self.seq_len, self.env.world_size)
-        h = self.head_choice = choose_lm_head_loss(
-            cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size,
-            self.rt.precision, micro_auto=not cfg.optim.micro_batch_size)
-        set_head_loss(self.model, HeadLoss(h.path, h.rows, h.block_rows, compiled=h.compiled))
-        saved_micro = None
-        if self.resume_from is not None:  # auto re-derives only if the world size changed
-            saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
-        self.micro = fit.choose(cfg, self.model, self.train_model, self.optimizer, self.rt, self.env, self.seq_len,
-                                saved=saved_micro)
-        cfg.resolved["micro_batch"] = self.micro.record()
-        self.plan = BatchPlan.make(cfg.optim.batch_tokens, self.micro.size, self.seq_len, self.env.world_size)
-        common = dict(batch_size=self.micro.size, seq_len=self.seq_len, rank=self.env.rank,
-                      world_size=self.env.world_size, device=str(self.rt.device), vocab_size=gpt_config.vocab_size)
-        self.loader = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed,
-                                  prefetch=cfg.data.prefetch, **common)
-        self.val_loader = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, allow_short=True, **common)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.precision == "fp16")
-        self.guard = SpikeGuard(cfg.optim.spike_k, cfg.optim.spike_window, cfg.optim.spike_max_skips) if cfg.optim.spike_guard else None
+        b = build(cfg, resume, progress)
+        self.env, self.rt, self.run_dir, self.resume_from = b.env, b.rt, b.run_dir, b.resume_from
+        self.tokenizer, self.model, self.train_model, self.seq_len = b.tokenizer, b.model, b.train_model, b.seq_len
+        self.optimizer, self.optim, self.scaler, self.head_choice = b.optimizer, b.optim, b.scaler, b.head_choice
+        self.micro, self.plan, self.loader, self.val_loader = b.micro, b.plan, b.loader, b.val_loader
+        o = cfg.optim
+        self.guard = SpikeGuard(o.spike_k, o.spike_window, o.spike_max_skips) if o.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
-        self.queued: list[tuple[dict, torch.Tensor]] = []  # steps whose values the host has not read
-        self.halted = torch.zeros((), dtype=torch.bool, device=self.rt.device)  # a non-finite loss was queued
-        self.streak_end: dict | None = None  # the row of max_skips spikes in a row, read and not yet rolled back
+        self.pending: list[tuple[dict, torch.Tensor]] = []  # rows whose loss and grad norm are on the device
+        self.streak_end: dict | None = None  # the row of max_skips spikes in a row, not yet rolled back
         self.val_bpb: float | None = None
         self.hellaswag_path: str | None = None
         if self.resume_from is not None:
             self.restore(self.resume_from)
-        shard_check.wait(agree=None if not self.env.enabled else lambda ok: distrib.all_reduce_mean(
-            torch.tensor(float(ok), device=self.rt.device), self.env).item() == 1.0)  # every rank stops on a bad shard
+        wait_for_shards(b.shard_check, self.env, self.rt.device)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
-        # MFU against the peak of the precision in use; mfu_best against the device's best dtype
-        self.peak = peak_tflops(self.rt.device, self.rt.precision, cfg.run.peak_tflops) * 1e12
-        best, self.best_dtype = best_peak_tflops(self.rt.device, cfg.run.peak_tflops)
-        self.best_peak = max(best * 1e12, self.peak)
-        self.peaks_remeasured = False
-        self.tracker = None
+        self.peaks = Peaks(self.rt, cfg.run.peak_tflops)
+        tracker = None
         if self.env.is_main and cfg.run.log != "none":
-            from gptforge.training.trackers import make_tracker
+            tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
+        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, tracker, progress,
+                               resumed=self.resume_from is not None)
 
-            self.tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
-        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, self.tracker, progress)
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        """Step; log the rows read; evaluate, sample, checkpoint when due; stop when asked."""
+        cfg, res = self.cfg, TrainResult()
+        self.start()
+        deadline = Deadline(cfg.run.max_minutes)
+        rows: list[dict] = []  # rows returned by train_step and not yet logged
+        every = lambda n: bool(n) and self.step % n == 0  # noqa: E731
+        try:
+            with StopRequest() as stop:
+                while self.step < cfg.run.max_steps:
+                    rows.append(self.train_step())
+                    done = self.step >= cfg.run.max_steps
+                    evaluate_now = every(cfg.run.eval_every) and not done
+                    hellaswag_now = every(cfg.run.hellaswag_every)
+                    sample_now = (every(cfg.run.sample_every) if cfg.run.sample_every else evaluate_now) and not done
+                    ckpt_now = every(cfg.run.ckpt_every) and not done
+                    stop_now = stop.requested or deadline.passed()
+                    if self.pending and not (done or evaluate_now or hellaswag_now or sample_now or ckpt_now or stop_now):
+                        self.report.tick(self.step)
+                        continue  # the values stay on the device until something needs them
+                    settled = self.log_rows(rows, res)
+                    rows = []
+                    if not settled:
+                        continue  # no evaluation or checkpoint in a spike streak: the weights are suspect
+                    if evaluate_now:
+                        res.val_loss = self.evaluate()
+                    if hellaswag_now:
+                        self.hellaswag()
+                    if sample_now and self.samples_here:
+                        self.report.print(f"step {self.step:>6} | sample: {self.sample()!r}")
+                    if ckpt_now:
+                        res.last_checkpoint = self.save()
+                    if stop_now:
+                        res.stopped = stop.reason if stop.requested else "time limit"
+                        break
+            res.val_loss = self.evaluate()
+            res.last_checkpoint = self.save()
+            if res.stopped != "done":
+                self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
+            if self.samples_here and res.stopped == "done":
+                sample = self.sample()
+                res.sample = sample if self.env.is_main else ""
+        finally:
+            self.report.close()
+            self.loader.close()
+            self.val_loader.close()
+        res.step = self.step
+        return res
+
+    def start(self) -> None:
+        """The run directory, its config.json and the banner (rank 0)."""
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_run_config(self.run_dir, self.cfg.record())
+            self.report.print(self.banner())
+
+    def log_rows(self, rows: list[dict], res: TrainResult) -> bool:
+        """Read what is still on the device, then log `rows` (every log_every-th and every skipped
+        one) and roll back where a spike streak ended. False when the last step was skipped or the
+        run rolled back."""
+        self.read_values()
+        try:
+            for row in rows:
+                res.losses[row["step"]] = row["loss"]
+                if row["step"] % self.cfg.run.log_every == 0 or row.get("skipped"):
+                    self.report.log(row)
+                if row.get("skipped"):
+                    self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
+                if row is self.streak_end:
+                    self.streak_end = None
+                    self.roll_back(at_step=row["step"] + 1)
+                    return False
+            return not rows[-1].get("skipped")
+        finally:
+            self.report.tick(self.step)
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, read: bool | None = None) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches; returns its metrics row.
+
+        A logging step (`read`; by default every run.log_every-th) is timed, with the device
+        synchronized where the clock is read, and reads its loss and grad norm together with those
+        of the steps since the last read. With the spike guard on, every step reads before its
+        update. Other steps leave their values on the device (`pending`, read by `read_values`)."""
+        cfg, plan = self.cfg, self.plan
+        read = self.step % cfg.run.log_every == 0 if read is None else read
+        if read:
+            synchronize(self.rt.device)
+            t0 = time.perf_counter()
+        lr = lr_at(self.step, self.optim, cfg.run.max_steps) * self.lr_scale
+        group_lrs = set_lr(self.optimizer, lr, self.optim)
+        loss, grad_norm = self.forward_backward()
+        row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
+        if "muon" in group_lrs:
+            row["muon_lr"] = group_lrs["muon"]
+        self.pending.append((row, torch.stack([loss, grad_norm.float()])))
+        if self.guard is not None:
+            self.read_values()  # the guard judges this step before its update
+        if not row.get("skipped"):
+            self.scaler.step(self.optimizer)  # under fp16: skipped by GradScaler on an overflow
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if read:
+            synchronize(self.rt.device)
+            dt = time.perf_counter() - t0
+            self.read_values()
+            tokens_per_s = plan.batch_tokens / dt
+            mfu, mfu_best = self.peaks.mfu(self.flops_per_token * tokens_per_s / self.env.world_size)  # per device
+            row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, mfu_best=mfu_best)
+        self.step += 1
+        return row
+
+    def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of this step's batch, accumulated over its micro-batches, unscaled and clipped:
+        (the mean loss over ranks, the grad norm before clipping), both 0-dim on the device."""
+        plan = self.plan
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro in range(plan.grad_accum_steps):
+            x, y = self.loader.next_batch()
+            # backward inside too: DDP decides in forward whether to reduce, FSDP2 in backward
+            with distrib.no_sync(self.train_model, micro == plan.grad_accum_steps - 1):
+                with self.rt.autocast():
+                    _, loss = self.train_model(x, y)
+                    loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = distrib.whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        distrib.all_reduce_mean(loss_sum, self.env)
+        return loss_sum, grad_norm
+
+    def read_values(self) -> list[dict]:
+        """Read the pending steps' loss and grad norm in one device-to-host copy and fill in their
+        rows; the spike guard judges each (a skipped row gets its reason). A non-finite loss
+        without the guard stops the run. Returns the rows read."""
+        if not self.pending:
+            return []
+        rows = [row for row, _ in self.pending]
+        values = distrib.host_values(*(v for _, v in self.pending))
+        self.pending.clear()
+        for i, row in enumerate(rows):
+            loss, norm = values[2 * i: 2 * i + 2]
+            row.update(loss=loss, grad_norm=norm)
+            if self.guard is not None:
+                reason = self.guard.observe(loss, norm)
+                if reason is not None:
+                    row.update(skipped=True, reason=reason, skipped_total=self.guard.skipped_total)
+                    if self.guard.must_roll_back:  # the streak ends here: the loop rolls back at this row
+                        self.streak_end = row
+            elif not math.isfinite(loss):
+                raise GPTForgeError(
+                    f"loss is {loss} at step {row['step']}; stopping (the last good checkpoint is left as it was; "
+                    "lower optim.lr or enable --optim.spike_guard on)"
+                )
+        return rows
+
+    # ----------------------------------------------------------------- evaluation and samples
+    def evaluate(self) -> float:
+        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens,
+                            token_bytes=self.tokenizer.token_bytes())
+        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
+                         "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]})
+        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}")
+        self.val_bpb = out["bpb"]
+        if self.cfg.run.eval_tasks:  # downstream accuracy beside the loss
+            acc = evaluate_loop_tasks(self.model, self.tokenizer, self.cfg.run.eval_tasks, self.rt)
+            self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens, **acc})
+            self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+        return out["loss"]
+
+    def hellaswag(self) -> None:
+        if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
+            self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
+        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt, tokenizer=self.tokenizer)
+        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
+                         "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
+        self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
+
+    @property
+    def samples_here(self) -> bool:
+        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights).
+        With run.sample_tokens 0 nobody does: no sample mid-run nor at the end."""
+        if self.cfg.run.sample_tokens == 0:
+            return False
+        return self.env.is_main or distrib.forward_is_collective(self.model)
+
+    def sample(self, prompt: str | None = None) -> str:
+        """The prompt (run.sample_prompt) and its continuation by the model, as text."""
+        tok, prompt = self.tokenizer, self.cfg.run.sample_prompt if prompt is None else prompt
+        ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], max_new_tokens=self.cfg.run.sample_tokens,
+                       temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
+        return prompt + tok.decode(ids)
 
     # ----------------------------------------------------------------- state
     def restore(self, path: Path) -> None:
@@ -211,7 +344,7 @@ class Trainer:
         ckpt.restore_rng(state["rng"], self.env.rank, self.env.world_size, self.rt.device)  # each rank its own
 
     def train_state(self) -> dict:
-        assert not self.queued, "the steps queued must be read (and the spike guard caught up) before a save"
+        assert not self.pending, "the steps' values must be read before a save"
         loader_states = [self.loader.state_dict()]
         if self.env.enabled:  # every rank's position, so any world size can resume
             gathered = [None] * self.env.world_size
@@ -239,153 +372,6 @@ class Trainer:
         distrib.barrier(self.env)
         return path
 
-    # ----------------------------------------------------------------- steps
-    def train_step(self, read: bool | None = None) -> dict:
-        """Queue one optimizer step over grad_accum_steps micro-batches; return its metrics row.
-
-        The host reads the device only on a logging step (`read`; by default every
-        run.log_every-th): that step is timed, with the device synchronized where the clock is
-        read, and reads its loss and grad norm together with those of the steps queued since the
-        last read, in one transfer (`read_values`), which fills in their rows. Other steps leave
-        them on the device: whether an update is skipped (a non-finite loss, the spike guard) is
-        decided there and masks the optimizer step (`step_unless`). An optimizer that cannot
-        take that mask makes the host read each step before its update instead."""
-        cfg, plan = self.cfg, self.plan
-        read = self.step % cfg.run.log_every == 0 if read is None else read
-        if read:
-            synchronize(self.rt.device)
-            t0 = time.perf_counter()
-        lr = lr_at(self.step, self.optim, cfg.run.max_steps) * self.lr_scale
-        group_lrs = set_lr(self.optimizer, lr, self.optim)
-        self.train_model.train()
-        loss_sum = torch.zeros((), device=self.rt.device)
-        for micro in range(plan.grad_accum_steps):
-            x, y = self.loader.next_batch()
-            # backward inside too: DDP decides in forward whether to reduce, FSDP2 in backward
-            with distrib.no_sync(self.train_model, micro == plan.grad_accum_steps - 1):
-                with self.rt.autocast():
-                    _, loss = self.train_model(x, y)
-                    loss = loss / plan.grad_accum_steps  # the mean over micro-batches, not the sum
-                loss_sum += loss.detach()
-                self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = distrib.whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        distrib.all_reduce_mean(loss_sum, self.env)
-        skip, halted = self.verdict(loss_sum, grad_norm)
-        row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
-        if "muon" in group_lrs:
-            row["muon_lr"] = group_lrs["muon"]
-        self.queued.append((row, torch.stack([loss_sum, grad_norm.float(), skip.float(), halted.float()])))
-        if not step_unless(self.optimizer, skip):  # the device could not decide: the host does
-            if any(r is row and applied for r, applied in self.read_values()):
-                self.optimizer.step()
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if read:
-            synchronize(self.rt.device)
-            dt = time.perf_counter() - t0
-            self.read_values()
-            tokens_per_s = plan.batch_tokens / dt
-            flops_per_s = self.flops_per_token * tokens_per_s / self.env.world_size  # per device
-            if flops_per_s > self.peak and self.rt.device.type == "cpu" and not cfg.run.peak_tflops and not self.peaks_remeasured:
-                self.remeasure_peaks()  # the cached probe was taken on a busy machine: once a run, ~0.3 s
-            row.update(dt_ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=flops_per_s / self.peak, mfu_best=flops_per_s / self.best_peak)
-        self.step += 1
-        return row
-
-    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(skip, halted): whether this step's update is skipped, and whether an earlier queued
-        step already stopped the run (a non-finite loss without the guard, a streak of spikes with
-        it), so that no later update lands before the host reads it. 0-dim bools on the device."""
-        if self.guard is not None:  # a non-finite loss or grad norm is a spike
-            skip, halted = self.guard.decide(loss, grad_norm)
-        else:
-            halted = self.halted
-            skip = halted | ~torch.isfinite(loss)
-            self.halted = skip
-        if self.scaler.is_enabled():  # fp16: GradScaler's own skip of an overflowing step (found_inf)
-            skip = skip | ~torch.isfinite(grad_norm)
-        return skip, halted
-
-    def read_values(self) -> list[tuple[dict, bool]]:
-        """Read the queued steps' values in one device-to-host copy and fill in their rows (loss,
-        grad norm; the spike guard's reason for a skipped one). Returns (row, update applied) per
-        step. Steps queued behind one that stopped the run are dropped (`discarded`): their
-        updates were masked and they count for nothing, since the run rolls back or ends there.
-        A non-finite loss without the guard is the error it always was."""
-        if not self.queued:
-            return []
-        values = distrib.host_values(*(v for _, v in self.queued))
-        out = []
-        for i, (row, _) in enumerate(self.queued):
-            loss, norm, skip, halted = values[4 * i: 4 * i + 4]
-            if halted:
-                row["discarded"] = True
-                continue
-            row.update(loss=loss, grad_norm=norm)
-            if self.guard is not None:
-                reason = self.guard.record(loss, norm, skipped=bool(skip))
-                if reason is not None:
-                    row.update(skipped=True, reason=reason, skipped_total=self.guard.skipped_total)
-                    if self.guard.must_roll_back:  # the streak ends here: the loop rolls back at this row
-                        self.streak_end = row
-            elif not math.isfinite(loss):
-                self.queued.clear()
-                raise GPTForgeError(
-                    f"loss is {loss} at step {row['step']}; stopping (the last good checkpoint is left as it was; "
-                    "lower optim.lr or enable --optim.spike_guard on)"
-                )
-            out.append((row, not skip))
-        self.queued.clear()
-        return out
-
-    def evaluate(self) -> float:
-        from gptforge.eval.perplexity import evaluate_loss
-
-        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens,
-                            token_bytes=self.tokenizer.token_bytes())
-        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
-                         "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]})
-        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}")
-        self.val_bpb = out["bpb"]
-        if self.cfg.run.eval_tasks:  # downstream accuracy beside the loss (gptforge.eval.downstream)
-            from gptforge.eval.downstream import evaluate_loop_tasks
-
-            acc = evaluate_loop_tasks(self.model, self.tokenizer, self.cfg.run.eval_tasks, self.rt)
-            self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens, **acc})
-            self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
-        return out["loss"]
-
-    def hellaswag(self) -> None:
-        from gptforge.eval.hellaswag import evaluate_hellaswag
-
-        if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
-            from gptforge.eval.hellaswag import download_hellaswag
-
-            self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
-        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt, tokenizer=self.tokenizer)
-        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
-                         "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
-        self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
-
-    @property
-    def samples_here(self) -> bool:
-        """Rank 0 samples; under FSDP every rank runs the forwards with it (they gather weights).
-        With run.sample_tokens 0 nobody does: no sample mid-run nor at the end."""
-        if self.cfg.run.sample_tokens == 0:
-            return False
-        return self.env.is_main or distrib.forward_is_collective(self.model)
-
-    def sample(self, prompt: str | None = None) -> str:
-        """The prompt (run.sample_prompt) and its continuation by the model, as text."""
-        from gptforge.sampling import generate
-
-        tok, prompt = self.tokenizer, self.cfg.run.sample_prompt if prompt is None else prompt
-        ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], max_new_tokens=self.cfg.run.sample_tokens,
-                       temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
-        return prompt + tok.decode(ids)
-
     def roll_back(self, at_step: int) -> None:
         """After repeated spikes (the streak ended with step `at_step - 1`): back to the last
         checkpoint, with a smaller learning rate."""
@@ -402,83 +388,13 @@ class Trainer:
         self.report.log({"step": self.step, "event": "rollback", "checkpoint": str(latest), "lr_scale": scale})
         self.report.print(f"rolled back to {latest.name} after repeated spikes; learning rate now x{scale:g}")
 
-    # ----------------------------------------------------------------- loop
-    def run(self) -> TrainResult:
-        """The loop. Rows are handled when the host has read them: at every logging step, and
-        before anything that needs the step's outcome (an evaluation, a sample, a checkpoint, a
-        stop, the end). So a skipped step, a rollback or a non-finite loss between logging steps
-        is acted on there, with the same result: the masked updates left the weights as they were
-        at the skipped or failing step, and nothing queued behind it counts."""
-        cfg, res = self.cfg, TrainResult()
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_run_config(self.run_dir, cfg.record())
-            self.report.print(self.banner())
-        start_time = time.time()
-        timed_out = lambda: bool(cfg.run.max_minutes) and time.time() - start_time > cfg.run.max_minutes * 60  # noqa: E731
-        unhandled: list[dict] = []  # rows returned by train_step that the loop has not acted on
-        try:
-            with StopRequest() as stop:
-                while self.step < cfg.run.max_steps:
-                    unhandled.append(self.train_step())
-                    done = self.step >= cfg.run.max_steps
-                    evaluated = bool(cfg.run.eval_every) and self.step % cfg.run.eval_every == 0 and not done
-                    hellaswag_now = bool(cfg.run.hellaswag_every) and self.step % cfg.run.hellaswag_every == 0
-                    sample_now = (self.step % cfg.run.sample_every == 0 if cfg.run.sample_every else evaluated) and not done
-                    ckpt_now = bool(cfg.run.ckpt_every) and self.step % cfg.run.ckpt_every == 0 and not done
-                    if self.queued:  # values still on the device: read them only if something needs them now
-                        if not (done or evaluated or hellaswag_now or sample_now or ckpt_now or stop.requested or timed_out()):
-                            self.report.tick(self.step)
-                            continue
-                        self.read_values()
-                    rows, unhandled = unhandled, []
-                    rolled_back = False
-                    for row in rows:
-                        assert not row.get("discarded"), "a step queued behind a stop was not dropped"
-                        res.losses[row["step"]] = row["loss"]
-                        if row["step"] % cfg.run.log_every == 0 or row.get("skipped"):
-                            self.report.log(row)
-                        if row.get("skipped"):
-                            self.report.print(f"step {row['step']}: update skipped ({row['reason']})")
-                        if row is self.streak_end:
-                            self.streak_end = None
-                            self.roll_back(at_step=row["step"] + 1)  # the steps queued behind are dropped
-                            rolled_back = True
-                            break
-                    self.report.tick(self.step)
-                    if rolled_back or rows[-1].get("skipped"):
-                        continue  # no eval or checkpoint in a spike streak: the weights are suspect
-                    if evaluated:
-                        res.val_loss = self.evaluate()
-                    if hellaswag_now:
-                        self.hellaswag()
-                    if sample_now and self.samples_here:
-                        sample = self.sample()
-                        self.report.print(f"step {self.step:>6} | sample: {sample!r}")
-                    if ckpt_now:
-                        res.last_checkpoint = self.save()
-                    if stop.requested or timed_out():
-                        res.stopped = "interrupted" if stop.requested else "time limit"
-                        break
-            res.val_loss = self.evaluate()
-            res.last_checkpoint = self.save()
-            if res.stopped != "done":
-                self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
-            if self.samples_here and res.stopped == "done":
-                sample = self.sample()
-                res.sample = sample if self.env.is_main else ""
-        finally:
-            self.report.close()
-            self.loader.close()
-            self.val_loader.close()
-        res.step = self.step
-        return res
-
+    # ----------------------------------------------------------------- the banner
     def banner(self) -> str:
         c, p, m = self.cfg, self.plan, self.model
         lines = [
-            f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({self.device_name()}) | precision {self.rt.precision}"
-            + (f" ({self.rt.chosen_by})" if self.rt.chosen_by else "") + f" | world size {self.env.world_size} | compile {c.run.compile}",
+            f"gptforge {__version__} | torch {torch.__version__} | device {self.rt.device} ({device_name(self.rt.device)}) "
+            f"| precision {self.rt.precision}" + (f" ({self.rt.chosen_by})" if self.rt.chosen_by else "")
+            + f" | world size {self.env.world_size} | compile {c.run.compile}",
             f"model {c.model.init_from or c.model.preset}: {m.num_params() / 1e6:.2f}M parameters, {m.config}",
             f"batch {p.batch_tokens} tokens = {p.micro_batch_size} seqs x {p.seq_len} tokens x {p.world_size} ranks x {p.grad_accum_steps} accumulation steps",
             f"micro-batch {p.micro_batch_size}: {self.micro.reason}"
@@ -487,7 +403,7 @@ class Trainer:
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens"
             + f" | tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size:,} ids)"
             + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
-            f"{self.mfu_line()} | run dir {self.run_dir}"
+            f"{self.peaks.line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
             f"LM-head loss {self.head_choice.describe()}",
             describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}",
@@ -504,22 +420,15 @@ class Trainer:
             return f"resumed from {w['checkpoint']}" + (f" (the run began from {began['source']})" if began.get("source") else "")
         return f"random init (seed {self.cfg.run.seed})"
 
-    def remeasure_peaks(self) -> None:
-        self.peaks_remeasured = True
-        cpu_matmul_rates(refresh=True)
-        self.peak = max(self.peak, peak_tflops(self.rt.device, self.rt.precision) * 1e12)
-        best, self.best_dtype = best_peak_tflops(self.rt.device)
-        self.best_peak = max(best * 1e12, self.peak)
+    @property
+    def peak(self) -> float:
+        """The MFU denominator of the precision in use, FLOP/s."""
+        return self.peaks.peak
 
-    def mfu_line(self) -> str:
-        """The two MFU denominators, as the banner states them (see the README's definitions)."""
-        return (f"MFU peak {self.rt.precision} {self.peak / 1e12:.3f} TFLOP/s; device best "
-                f"{self.best_dtype} {self.best_peak / 1e12:.3f} TFLOP/s (mfu_best)")
-
-    def device_name(self) -> str:
-        if self.rt.device.type == "cuda":
-            return torch.cuda.get_device_name(self.rt.device)
-        return f"{torch.get_num_threads()} CPU threads"
+    @property
+    def best_peak(self) -> float:
+        """The MFU denominator of the device's best dtype, FLOP/s."""
+        return self.peaks.best
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
