@@ -284,34 +284,17 @@ class Tokenizer:
 
     def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the tokenizer directory atomically (see the module doc)."""
-        from gptforge.fsutil import atomic_dir
+        from gptforge.fsutil import replace_dir
 
         out = Path(out_dir).expanduser()
         files = {TOKENIZER_FILE: self.file_bytes(), **self.hf_files()}
-        if out.exists():
-            if not overwrite:
-                raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
-            if not (out / TOKENIZER_FILE).is_file() and any(out.iterdir()):
-                raise GPTForgeError(f"{out}: not a tokenizer directory (no {TOKENIZER_FILE}); not replacing it")
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            import shutil
 
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        try:
-            with atomic_dir(out) as tmp:
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
-                (tmp / SUMS).write_text("".join(f"{sha256_bytes(d)}  {n}\n" for n, d in sorted(files.items())))
-        except BaseException:
-            if old.exists():
-                old.rename(out)
-            raise
-        if old.exists():
-            import shutil
+        def write(tmp: Path) -> None:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            (tmp / SUMS).write_text("".join(f"{sha256_bytes(d)}  {n}\n" for n, d in sorted(files.items())))
 
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(out, write, "tokenizer", lambda d: (d / TOKENIZER_FILE).is_file(), overwrite=overwrite)
         self.file, self.file_sha256 = out / TOKENIZER_FILE, sha256_bytes(files[TOKENIZER_FILE])
         return out
 

@@ -46,6 +46,7 @@ def split_args(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
 def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
     """The resolved config and the resume request, from the command line."""
     from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
+    from gptforge.training.rundir import resume_run_dir
 
     from gptforge.commands.options import expand_aliases
 
@@ -61,6 +62,9 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
                 C.apply_dict(base, C.load_toml(config_file), config_file)
             for key, value in overrides:
                 C.set_value(base, key, value, f"--{key}")
+            # the run dir given, else the checkpoint's own on disk: never the one recorded in it
+            base.run.dir = resume_run_dir(found, base.run.dir if "run.dir" in base.explicit else None)
+            base.run.overwrite = "run.overwrite" in base.explicit and base.run.overwrite
             cfg = base.validate()
             resume = str(found)
         else:
