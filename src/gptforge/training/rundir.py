@@ -40,15 +40,39 @@ _HELD: dict[str, "Claim"] = {}  # resolved run dir -> the claim this process hol
 
 @dataclass
 class Claim:
+    """This process's hold on a run directory. A directory that does not exist yet is created,
+    locked and named (run.json) at the run's first write, so a run that fails before it leaves
+    nothing behind; an existing one is locked at once."""
+
     path: Path
     run_id: str
     fd: int
+    own: bool  # continues the run the directory holds
+    pending: dict | None  # the run.json to write at the first write
+
+    def start(self) -> None:
+        if self.fd < 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.fd = _lock(self.path)
+            if not self.own and _has_checkpoints(self.path):  # another run got there first
+                raise _refusal(self.path, None)
+        if self.pending is not None:
+            atomic_write_text(self.path / RUN_FILE, json.dumps(self.pending, indent=2) + "\n")
+            self.pending = None
 
     def release(self) -> None:
         _HELD.pop(str(self.path.resolve()), None)
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+
+def _refusal(path: Path, record: dict | None) -> GPTForgeError:
+    what = f"run {record['run_id']}'s" if record else "another run's"
+    return GPTForgeError(
+        f"{path}: holds {what} checkpoints; a new run would mix with them. Continue that run with --resume auto, "
+        "write this one elsewhere with a new --run.dir, or replace the old run's checkpoints and metrics with "
+        "--run.overwrite true")
 
 
 def resume_run_dir(ckpt: Path, given: str | None) -> str:
@@ -119,39 +143,35 @@ def _inside(ckpt: Path, path: Path) -> bool:
 
 
 def claim(run_dir: str | Path, resume: str | None, overwrite: bool = False) -> Claim:
-    """Lock `run_dir` and make it this run's: continue its own run (`resume` is "auto", the run
-    directory itself or one of its checkpoints), start in an empty or checkpoint-free one, or
-    (with `overwrite`) remove another run's outputs first. Refuses, in one line, a fresh run
-    into a directory holding another run's checkpoints."""
+    """Lock `run_dir` (if it exists) and make it this run's: continue its own run (`resume` is
+    "auto", the run directory itself or one of its checkpoints), start in a new, empty or
+    checkpoint-free one, or (with `overwrite`) remove another run's outputs first. A fresh run
+    into a directory holding another run's checkpoints is refused in one line."""
     path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = _lock(path)
+    own = resume is not None and (resume == "auto" or _inside(Path(resume), path))
+    fd = _lock(path) if path.is_dir() else -1
     try:
-        record = _read_record(path)
-        own = resume is not None and (resume == "auto" or _inside(Path(resume), path))
-        if not own and _has_checkpoints(path):
+        record = _read_record(path) if fd >= 0 else None
+        if not own and fd >= 0 and _has_checkpoints(path):
             if not overwrite:
-                what = "another run's" if record is None or resume is None else f"run {record['run_id']}'s"
-                raise GPTForgeError(
-                    f"{path}: holds {what} checkpoints; a new run would mix with them. Continue that run with "
-                    f"--resume auto, write this one elsewhere with a new --run.dir, or replace the old run's "
-                    f"checkpoints and metrics with --run.overwrite true")
-            for name in RUN_OUTPUTS:
+                raise _refusal(path, record)
+            for name in RUN_OUTPUTS:  # asked for in so many words: the old run's outputs, nothing else
                 victim = path / name
                 if victim.is_dir() and not victim.is_symlink():
                     shutil.rmtree(victim)
                 elif victim.exists() or victim.is_symlink():
                     victim.unlink()
             record = None
-        if record is None or not own:
-            record = {"run_id": secrets.token_hex(8),
-                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      "resumed_from": str(resume) if resume else None}
-            atomic_write_text(path / RUN_FILE, json.dumps(record, indent=2) + "\n")
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
-    held = Claim(path, record["run_id"], fd)
+    pending = None
+    if record is None or not own:
+        pending = record = {"run_id": secrets.token_hex(8),
+                            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "resumed_from": str(resume) if resume else None}
+    held = Claim(path, record["run_id"], fd, own, pending)
     _HELD[str(path.resolve())] = held
     return held
 
@@ -163,6 +183,7 @@ def check_owner(run_dir: str | Path) -> None:
     held = _HELD.get(str(path.resolve()))
     if held is None:
         return
+    held.start()
     record = _read_record(path)
     if record is None or record["run_id"] != held.run_id:
         now = f"run {record['run_id']}" if record else f"no run (its {RUN_FILE} is gone)"
