@@ -103,6 +103,16 @@ def test_config_json_bigger_than_its_weights_is_refused_before_allocation(tmp_pa
     assert tree_digest(run) == before
 
 
+def test_train_section_bigger_than_the_weights_is_refused_before_allocation(run):
+    """The run's config on resume is the checkpoint's `train` section: it cannot make the trainer
+    build a bigger model than the weights either."""
+    edit_config(ckpt_of(run), lambda meta: meta["train"]["model"].update(n_layer=200, n_embd=8192))
+    before = tree_digest(run)
+    p = limited_cli("train", "--resume", str(ckpt_of(run)), "--run.max_steps", "3")
+    assert_one_line_error(p, "train", "step_000002", "architecture")
+    assert tree_digest(run) == before
+
+
 # ------------------------------------------------------------------------------ item 9
 
 

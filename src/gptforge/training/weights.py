@@ -56,7 +56,10 @@ def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistE
             config = arch.replace(saved_model, attention=cfg.model.attention)
         else:
             config = cfg.model.gpt_config(vocab_size=vocab)
-        check_weights_header(resume_from / WEIGHTS, config)  # before allocating what config.json claims
+        # before allocating anything: the weights are what config.json says, and the run's model is theirs
+        check_weights_header(resume_from / WEIGHTS, saved_model)
+        if saved_model.to_dict() | {"attention": None} != config.to_dict() | {"attention": None}:
+            raise GPTForgeError(f"{resume_from}: checkpoint architecture {saved_model} differs from the configured {config}")
         return arch.build_model(config), record
     if not cfg.model.init_from:
         return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
