@@ -198,7 +198,7 @@ def owned(cfg, resume: str | None) -> Iterator[Claim | None]:
     if os.environ.get("RANK", "0") != "0":
         yield None
         return
-    held = claim(cfg.run.dir, resume, overwrite=getattr(cfg.run, "overwrite", False))
+    held = claim(cfg.run.dir, resume, overwrite=cfg.run.overwrite)
     try:
         yield held
     finally:
