@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from gptforge import __version__
 from gptforge.errors import GPTForgeError
 from gptforge import fsutil
-from gptforge.fsutil import atomic_dir, sha256_file
+from gptforge.fsutil import replace_dir, sha256_file
 from gptforge import arch
 from gptforge.arch import Config, Model
 
@@ -174,28 +173,31 @@ def model_tokenizer(directory: str | Path, meta: dict | None = None, required: b
 
 
 def save_model(model: GPT, directory: str | Path, extra: dict | None = None, overwrite: bool = False,
-               tokenizer=None) -> Path:
-    """Save atomically: the directory appears complete or not at all."""
-    directory = Path(directory)
-    if directory.exists():
-        if not overwrite:
-            raise GPTForgeError(f"{directory} already exists (pass --overwrite to replace it)")
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-        try:
-            with atomic_dir(directory) as tmp:
-                write_model_files(tmp, model_state_for_saving(model), model.config, extra, tokenizer)
-                write_sums(tmp)
-        except BaseException:
-            old.rename(directory)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return directory
-    with atomic_dir(directory) as tmp:
+               tokenizer=None, inputs=()) -> Path:
+    """Save atomically: the directory appears complete or not at all. With `overwrite` only a
+    model directory (not a training checkpoint, not anything else) is replaced; an output that
+    is, contains or is inside one of `inputs` is refused (fsutil.replace_dir)."""
+    def write(tmp: Path) -> None:
         write_model_files(tmp, model_state_for_saving(model), model.config, extra, tokenizer)
         write_sums(tmp)
-    return directory
+
+    return replace_dir(directory, write, "gptforge model", is_saved_model_dir, inputs=inputs, overwrite=overwrite)
+
+
+def is_saved_model_dir(directory: Path) -> bool:
+    """A model directory as save_model writes it: weights and config, no training state (a
+    training checkpoint is never replaced by an import)."""
+    return is_model_dir(directory) and not (Path(directory) / "state.pt").exists()
+
+
+def is_hf_dir(directory: Path) -> bool:
+    """A Hugging Face model directory (as `export --to-hf` writes it): a config.json naming a
+    model_type, and not a gptforge checkpoint."""
+    try:
+        meta = json.loads((Path(directory) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "model_type" in meta and "model" not in meta and not (Path(directory) / "state.pt").exists()
 
 
 def read_config(directory: str | Path) -> dict:
@@ -211,7 +213,85 @@ def read_config(directory: str | Path) -> dict:
         raise GPTForgeError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise GPTForgeError(f"{path}: missing the 'model' section (a GPTConfig)")
+    model_config(meta, path)
     return meta
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def model_config(meta: dict, path: Path) -> Config:
+    """The architecture of a config.json's `model` section; a field of the wrong type or an
+    impossible value is one line naming the file and the field."""
+    import dataclasses
+
+    section = meta["model"]
+    try:
+        cls = arch.GPTConfig if arch.arch_of(section) == "gpt2" else arch.ModernConfig
+    except GPTForgeError as e:
+        raise GPTForgeError(f"{path}: field 'model.arch': {e}") from None
+    for f in dataclasses.fields(cls):
+        if f.name not in section:
+            continue
+        value, want = section[f.name], _JSON_TYPES.get(str(f.type), (object,))
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            raise GPTForgeError(f"{path}: field 'model.{f.name}' must be {f.type}, got {value!r:.80}")
+    try:
+        return arch.config_from_dict(section)
+    except (GPTForgeError, TypeError, ValueError) as e:
+        raise GPTForgeError(f"{path}: field 'model' is not a valid architecture: {e}") from e
+
+
+def check_weights_header(path: Path, config: Config) -> None:
+    """The tensor names and shapes in a safetensors file's header against the model `config`
+    describes, before that model is built (on the meta device: nothing is allocated). A
+    config.json that claims a far bigger model than its weights is one line, not an allocator
+    failure."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError as e:
+        raise GPTForgeError(f"{path}: not found") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GPTForgeError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
+    with torch.device("meta"):
+        model = arch.build_model(config)
+    c = config
+    try:
+        check_shapes(shapes, model, str(path))
+    except GPTForgeError as e:
+        raise GPTForgeError(f"{e} (the config says n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, "
+                            f"vocab_size {c.vocab_size}, block_size {c.block_size}: it does not describe these weights)") from None
+
+
+def one_line(e: BaseException) -> str:
+    """The one sentence of a long, multi-line library message (torch.load's advice on
+    weights_only, say) that says what went wrong."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of it
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            text = line.split("WeightsUnpickler error:", 1)[1]
+            break
+    text = " ".join(text.split())
+    text = text.split(". ")[0].strip().rstrip(".")
+    return text[:200] or type(e).__name__
+
+
+def field_problems(d: dict, positive: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with the fields of a JSON object we read: `positive` ones must be positive
+    integers (not booleans), `floats` (when present) numbers."""
+    problems = []
+    for key in positive:
+        value = d.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key} missing or not a positive integer ({value!r:.40})")
+    for key in floats:
+        value = d.get(key)
+        if key in d and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            problems.append(f"{key} is not a number ({value!r:.40})")
+    return problems
 
 
 def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
@@ -229,15 +309,20 @@ def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
 
 
 def check_state_matches(state: dict[str, torch.Tensor], model: Model, where: str) -> None:
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, model, where)
+
+
+def check_shapes(state: dict[str, tuple], model: Model, where: str) -> None:
+    """name -> shape of a weights file against the tensors `model` stores."""
     expected = stored_keys(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - ({TIED} if arch.tied(model) else set()))
     if missing or unexpected:
         raise GPTForgeError(f"{where}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
+        if tuple(state[k]) != tuple(shape):
             raise GPTForgeError(
-                f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {tuple(shape)}"
+                f"{where}: tensor {k} has shape {tuple(state[k])}, the model expects {tuple(shape)}"
             )
 
 
@@ -248,6 +333,7 @@ def load_model(directory: str | Path, **config_overrides) -> Model:
         raise GPTForgeError(f"{directory}: not a directory; expected a gptforge checkpoint with {WEIGHTS} and {CONFIG}")
     meta = read_config(directory)
     config = arch.config_from_dict({**meta["model"], **config_overrides})
+    check_weights_header(directory / WEIGHTS, config)
     model = arch.build_model(config)
     state = load_state_checked(directory / WEIGHTS, model)
     model.load_state_dict(state, strict=False)  # strict=False: the tied head is not stored

@@ -235,3 +235,85 @@ def read_sums(directory: str | os.PathLike, error: type[GPTForgeError] = GPTForg
             raise error(f"{path}: line {i} lists {name[:80]!r} a second time")
         sums[name] = digest
     return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# paths read from files, and directories replaced on request
+
+
+def inside(directory: str | os.PathLike, rel: str, where: str) -> Path:
+    """`directory / rel` for a path read from a file (`where` names it): refused, in one line, when
+    it is absolute, climbs out with `..`, or resolves (through symlinks) outside `directory`."""
+    directory = Path(directory)
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise GPTForgeError(f"{where}: path {rel!r} is not a plain name inside {directory}; refusing to read it")
+    path = directory / rel
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise GPTForgeError(f"{where}: path {rel!r} leads outside {directory} (a symlink); refusing to read it")
+    return path
+
+
+def _overlap(out: Path, src: Path) -> str | None:
+    """How `out` and `src` overlap ('is', 'contains', 'is inside'), or None."""
+    o, s = out.resolve(), src.resolve()
+    if o == s:
+        return "is"
+    if o in s.parents:
+        return "contains"
+    if s in o.parents:
+        return "is inside"
+    return None
+
+
+def replace_dir(target: str | os.PathLike, write, kind: str, is_kind, *, inputs=(), overwrite: bool = False) -> Path:
+    """Write a directory of `kind` at `target` with `write(tmp_dir)`: into a fresh unique temporary
+    directory beside it, fsynced, then renamed into place. With `overwrite` an existing `target`
+    is replaced, but only when it is empty or `is_kind(target)` says it is a `kind` directory; the
+    old one is moved to a fresh unique name of our own and removed only after the swap, so
+    nothing the user named otherwise (`target.old`, say) is ever touched. An output that is,
+    contains or is inside one of `inputs` is refused before anything is written."""
+    target = Path(target).expanduser()
+    for src in inputs:
+        how = _overlap(target, Path(src))
+        if how:
+            raise GPTForgeError(f"{target}: the output {how} the input {src}; choose an output directory outside it")
+    existed = target.exists() or target.is_symlink()
+    if existed:
+        if not overwrite:
+            raise GPTForgeError(f"{target} already exists (pass --overwrite to replace it)")
+        if target.is_symlink() or not target.is_dir():
+            raise GPTForgeError(f"{target}: not a directory; not replacing it")
+        if any(target.iterdir()) and not is_kind(target):
+            raise GPTForgeError(f"{target}: not a {kind} directory (it holds other files); not replacing it: "
+                                "remove it yourself or choose another output")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        write(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not existed:
+        try:
+            os.rename(tmp, target)  # fails if a non-empty target appeared meanwhile
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(target.parent)
+        return target
+    old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + ".old.", dir=target.parent))
+    os.rename(target, old)  # onto our own empty directory: the old one now has a name no one else uses
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

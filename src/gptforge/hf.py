@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from gptforge import arch, checkpoint, hf_modern
 from gptforge.arch import Config, Model
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import atomic_dir
+from gptforge.fsutil import inside, replace_dir
 from gptforge.model import GPT, GPTConfig
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, under openai-community/
@@ -99,9 +99,10 @@ def _read_one(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found") from e
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:
-        raise GPTForgeError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
+        raise GPTForgeError(f"{path}: not a readable weights file ({type(e).__name__}: {checkpoint.one_line(e)})") from e
     except Exception as e:  # torch.load's weights_only unpickler refuses anything but tensors
-        raise GPTForgeError(f"{path}: refused by torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
+        raise GPTForgeError(f"{path}: refused by torch.load(weights_only=True) ({type(e).__name__}: "
+                            f"{checkpoint.one_line(e)}); a weights file holds tensors only") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPTForgeError(f"{path}: expected a flat state dict of tensors")
     return state
@@ -114,9 +115,11 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             return _read_one(directory / single)
         if (directory / index).is_file():
             weight_map = _read_json(directory / index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise GPTForgeError(f"{directory / index}: field 'weight_map' must map tensor names to file names")
             state: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                state.update(_read_one(directory / shard))
+                state.update(_read_one(inside(directory, shard, f"{directory / index}: weight_map")))
             return state
     raise GPTForgeError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
 
@@ -126,13 +129,11 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GPTForgeError(f"{where}: model_type is {hf.get('model_type')!r}; only 'gpt2' (GPT-2) and, "
                             "for the modern model, 'qwen3' and 'llama' checkpoints can be loaded")
-    problems = []
-    for key in ("n_embd", "n_layer", "n_head", "vocab_size"):
-        if not isinstance(hf.get(key), int):
-            problems.append(f"{key} missing or not an integer ({hf.get(key)!r})")
     n_positions = hf.get("n_positions", hf.get("n_ctx"))
-    if not isinstance(n_positions, int):
-        problems.append(f"n_positions missing or not an integer ({n_positions!r})")
+    problems = checkpoint.field_problems({**hf, "n_positions": n_positions}, ("n_embd", "n_layer", "n_head", "vocab_size",
+                                         "n_positions"), ("layer_norm_epsilon",))
+    if problems:
+        raise GPTForgeError(f"{where}: not a readable GPT-2 config: " + "; ".join(problems))
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         problems.append(f"activation_function {hf['activation_function']!r} (GPT-2 uses gelu_new)")
     if hf.get("n_inner") not in (None, 4 * (hf.get("n_embd") or 0)):
@@ -306,6 +307,7 @@ def load_pretrained(source: str | os.PathLike, **overrides) -> Model:
         where = str(path / checkpoint.WEIGHTS)
         base = arch.config_from_dict(meta["model"])
         config = _apply_overrides(base, overrides, str(path))
+        checkpoint.check_weights_header(path / checkpoint.WEIGHTS, base)
         try:
             state = load_file(str(path / checkpoint.WEIGHTS))
         except FileNotFoundError as e:
@@ -401,13 +403,15 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
-              tokenizer=None) -> Path:
+              tokenizer=None, inputs=()) -> Path:
     """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer`
     load offline: config.json, model.safetensors, generation_config.json and the model's
     tokenizer: GPT-2's files, or a trained tokenizer's tokenizer.json (the same ids as gptforge)
     with its gptforge-tokenizer.json (so gptforge reads the export back with it). The tokenizer is
     the checkpoint's; for a GPT given directly, `tokenizer` (default: GPT-2's for its 50257-token
-    vocabulary). Atomic: OUT appears complete or not at all."""
+    vocabulary). Atomic: OUT appears complete or not at all; with `overwrite` only an HF model
+    directory is replaced, and an OUT that is, contains or is inside the source (or `inputs`) is
+    refused (fsutil.replace_dir)."""
     from gptforge import tokenizer as tk
 
     if arch.is_model(model_or_ckpt_dir):
@@ -422,8 +426,6 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
                             f"{model.config.vocab_size}: they do not belong together")
     eot = tokenizer.eot_id if tokenizer is not None else EOT_ID
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
     c = model.config
     if isinstance(c, GPTConfig):
         state = hf_state_dict(model)
@@ -443,18 +445,5 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
         elif tokenizer is not None:
             write_tokenizer_files(tmp, c.block_size)
 
-    if not out.exists():
-        with atomic_dir(out) as tmp:
-            write(tmp)
-        return out
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    try:
-        with atomic_dir(out) as tmp:
-            write(tmp)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    sources = [*inputs] if arch.is_model(model_or_ckpt_dir) else [*inputs, Path(model_or_ckpt_dir), locate(model_or_ckpt_dir)]
+    return replace_dir(out, write, "Hugging Face model", checkpoint.is_hf_dir, inputs=sources, overwrite=overwrite)

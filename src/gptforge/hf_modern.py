@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from gptforge.checkpoint import field_problems
 from gptforge.errors import GPTForgeError
 from gptforge.modern import NORM_EPS, Modern, ModernConfig
 
@@ -117,11 +118,12 @@ def is_modern_hf(meta: dict) -> bool:
 def config_from_hf(hf: dict, where: str) -> ModernConfig:
     """The ModernConfig of a Qwen3 / Llama config.json; variants the modern model lacks are refused."""
     kind = hf.get("model_type")
-    problems = []
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
-                "max_position_embeddings"):
-        if not isinstance(hf.get(key), int):
-            problems.append(f"{key} missing or not an integer ({hf.get(key)!r})")
+    problems = field_problems(hf, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                   "intermediate_size", "max_position_embeddings"), ("rms_norm_eps", "rope_theta"))
+    if not isinstance(hf.get("rope_parameters") or {}, dict):
+        problems.append(f"rope_parameters is not an object ({hf.get('rope_parameters')!r:.40})")
+    else:
+        problems += [f"rope_parameters.{p}" for p in field_problems(hf.get("rope_parameters") or {}, (), ("rope_theta",))]
     if problems:
         raise GPTForgeError(f"{where}: not a readable {kind} config: " + "; ".join(problems))
     C, H = hf["hidden_size"], hf["num_attention_heads"]

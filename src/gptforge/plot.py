@@ -268,6 +268,16 @@ def choose_panels(runs: list[RunMetrics]) -> tuple[list[tuple[str, str, str]], s
     return panels, note
 
 
+def check_format(out: Path, fmt: str) -> None:
+    """An image format matplotlib writes, or one line naming the ones it does."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise GPTForgeError(f"plot: {out}: unknown image format {'.' + fmt!r}; supported: png, svg, pdf "
+                            f"(and {', '.join(sorted(set(formats) - {'png', 'svg', 'pdf'}))})")
+
+
 def plot_runs(
     run_dirs: list[str | Path],
     out_png: str | Path,
@@ -284,11 +294,12 @@ def plot_runs(
         raise GPTForgeError(f"plot: smooth must be in [0, 1) (an EMA factor, e.g. 0.9), got {smooth}")
     if x not in X_CHOICES:
         raise GPTForgeError(f"plot: x must be one of {', '.join(X_CHOICES)}, got {x!r}")
+    out = Path(out_png)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    check_format(out, fmt)
     dirs = [Path(d) for d in run_dirs]
     runs = [read_metrics(d) for d in dirs]
     labels = run_labels([r.config for r in runs], run_names(dirs))
-    out = Path(out_png)
-    fmt = out.suffix.lstrip(".").lower() or "png"
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -43,7 +43,7 @@ from typing import Iterable
 import tiktoken
 
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import SUMS, read_json, read_sums, write_sums
+from gptforge.fsutil import SUMS, read_json, read_sums, replace_dir, write_sums
 
 NAME = "gpt2"
 EOT_ID = 50256
@@ -294,34 +294,15 @@ class Tokenizer:
 
     def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the tokenizer directory atomically (see the module doc)."""
-        from gptforge.fsutil import atomic_dir
-
         out = Path(out_dir).expanduser()
         files = {TOKENIZER_FILE: self.file_bytes(), **self.hf_files()}
-        if out.exists():
-            if not overwrite:
-                raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
-            if not (out / TOKENIZER_FILE).is_file() and any(out.iterdir()):
-                raise GPTForgeError(f"{out}: not a tokenizer directory (no {TOKENIZER_FILE}); not replacing it")
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            import shutil
 
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        try:
-            with atomic_dir(out) as tmp:
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
-                write_sums(tmp, {n: sha256_bytes(d) for n, d in files.items()})
-        except BaseException:
-            if old.exists():
-                old.rename(out)
-            raise
-        if old.exists():
-            import shutil
+        def write(tmp: Path) -> None:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            write_sums(tmp, {n: sha256_bytes(d) for n, d in files.items()})
 
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(out, write, "tokenizer", lambda d: (d / TOKENIZER_FILE).is_file(), overwrite=overwrite)
         self.file, self.file_sha256 = out / TOKENIZER_FILE, sha256_bytes(files[TOKENIZER_FILE])
         return out
 

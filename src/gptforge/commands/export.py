@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
 
     a = build_parser().parse_args(argv)
     path = resolve_source(a.ckpt)
-    out = export_hf(path, a.to_hf, overwrite=a.overwrite)
+    out = export_hf(path, a.to_hf, overwrite=a.overwrite, inputs=[a.ckpt])
     kind = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"gptforge export: {path} -> {out} (Hugging Face {kind})", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     overrides = {"pad_vocab": True} if a.pad_vocab else {}
     model = load_pretrained(a.src, **overrides)
-    out = save_model(model, a.out, extra={"imported_from": str(a.src)}, overwrite=a.overwrite, tokenizer=tokenizer_of(a.src))
+    out = save_model(model, a.out, extra={"imported_from": str(a.src)}, overwrite=a.overwrite, tokenizer=tokenizer_of(a.src),
+                     inputs=[a.src] if Path(a.src).exists() else [])
     print(f"gptforge import-hf: {a.src} -> {out} ({model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ from gptforge.errors import GPTForgeError
 from gptforge.training import plan
 from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
 from gptforge.training.distributed import DistEnv
+from gptforge.training.rundir import resume_run_dir
 from gptforge.training.trainer import train
 
 USAGE = """usage: gptforge train [--config FILE|NAME] [--resume DIR|auto] [--section.key VALUE ...]
@@ -65,6 +66,9 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
                 C.apply_dict(base, C.load_toml(config_file), config_file)
             for key, value in overrides:
                 C.set_value(base, key, value, f"--{key}")
+            # the run dir given, else the checkpoint's own on disk: never the one recorded in it
+            base.run.dir = resume_run_dir(found, base.run.dir if "run.dir" in base.explicit else None)
+            base.run.overwrite = "run.overwrite" in base.explicit and base.run.overwrite
             cfg = base.validate()
             resume = str(found)
         else:

@@ -61,6 +61,7 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     dir: str = arg("runs/default", "run directory: config, metrics.jsonl, checkpoints/")
+    overwrite: bool = arg(False, "a fresh run into a directory holding another run's checkpoints replaces that run's checkpoints and metrics (else it is refused)")
     max_steps: int = arg(550, "optimizer steps")
     seed: int = arg(1337, "seeds python, numpy, torch and the data order")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps")

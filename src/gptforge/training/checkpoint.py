@@ -32,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 
 from gptforge.checkpoint import (
-    CONFIG, SUMS, WEIGHTS, ChecksumError, load_state_checked, read_config, verify_dir, verify_files, write_model_files,
-    write_sums,
+    CONFIG, SUMS, WEIGHTS, ChecksumError, load_state_checked, one_line, read_config, verify_dir, verify_files,
+    write_model_files, write_sums,
 )
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import TMP_PREFIX, atomic_dir, remove_stale_tmp
+from gptforge.training import rundir
 from gptforge import arch
 from gptforge.arch import Config, Model
 
@@ -197,6 +198,7 @@ def save_checkpoint(
     tokenizer=None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; then delete all but the newest keep_last."""
+    rundir.check_owner(run_dir)  # the directory is still this run's
     ckdir = checkpoints_dir(run_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     finish_interrupted_swaps(ckdir)
@@ -290,7 +292,7 @@ def load_train_state(ckpt: Path) -> dict:
     path = ckpt / STATE
     verify_files(ckpt, (STATE,))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found") from e
     except pickle.UnpicklingError as e:  # the safe unpickler met something that is not data
@@ -300,17 +302,31 @@ def load_train_state(ckpt: Path) -> dict:
         ) from e
     except (RuntimeError, EOFError, ValueError) as e:
         raise GPTForgeError(f"{path}: unreadable training state ({_why(e)})") from e
+    check_state_structure(state, path)
+    return state
 
 
-def _why(e: Exception) -> str:
-    """The one sentence of torch.load's long, multi-line message that says what went wrong."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of it
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            text = line.split("WeightsUnpickler error:", 1)[1]
-            break
-    text = text.strip().split(". ")[0].strip().rstrip(".")
-    return text[:200] or type(e).__name__
+_why = one_line
+
+# what every training state holds, and of which type (the old single-rank formats: a dict)
+STATE_FIELDS = {"step": (int,), "optimizer": (dict,), "rng": (list, dict), "loader": (list, dict)}
+
+
+def check_state_structure(state, path: Path) -> None:
+    """A state.pt that unpickled safely but is not a training state (another file, a damaged or
+    hand-made one) is one line naming the entry, not a KeyError deep in the resume."""
+    if not isinstance(state, dict):
+        raise GPTForgeError(f"{path}: not a training state (a {type(state).__name__}, expected a dict with "
+                            f"{', '.join(STATE_FIELDS)})")
+    for key, types in STATE_FIELDS.items():
+        value = state.get(key)
+        if key not in state:
+            raise GPTForgeError(f"{path}: not a training state: entry {key!r} is missing")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise GPTForgeError(f"{path}: entry {key!r} must be {' or '.join(t.__name__ for t in types)}, "
+                                f"got {type(value).__name__}")
+    if not isinstance(state["optimizer"].get("param_groups", []), list):
+        raise GPTForgeError(f"{path}: entry 'optimizer' holds no list of param_groups")
 
 
 def load_checkpoint_model(ckpt: Path, model: Model) -> None:
@@ -323,11 +339,12 @@ def checkpoint_meta(ckpt: Path) -> tuple[Config, dict]:
     meta = read_config(ckpt)
     train = meta.get("train")
     if not isinstance(train, dict):
-        raise GPTForgeError(f"{ckpt / CONFIG}: no 'train' section; not a training checkpoint")
+        raise GPTForgeError(f"{ckpt / CONFIG}: field 'train' missing or not an object; not a training checkpoint")
     return arch.config_from_dict(meta["model"]), train
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:
     from gptforge.fsutil import atomic_write_text
 
+    rundir.check_owner(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

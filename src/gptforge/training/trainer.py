@@ -432,11 +432,16 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
-    trainer = Trainer(cfg, resume=resume, progress=progress)
-    try:
-        result = trainer.run()
-    except BaseException:
-        distrib.shutdown(trainer.env, clean=False)
-        raise
+    from gptforge.training import preflight, rundir
+
+    ready = preflight.check(cfg)  # what the loop needs later, found before step 0
+    with rundir.owned(cfg, resume):  # the run dir is this run's, and locked, until the run ends
+        trainer = Trainer(cfg, resume=resume, progress=progress)
+        trainer.hellaswag_path = ready.hellaswag_path
+        try:
+            result = trainer.run()
+        except BaseException:
+            distrib.shutdown(trainer.env, clean=False)
+            raise
     distrib.shutdown(trainer.env)
     return result

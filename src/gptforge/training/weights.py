@@ -50,10 +50,17 @@ def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistE
         first = (saved_train.get("resolved") or {}).get("weights")
         if isinstance(first, dict):  # how the resumed run itself began
             record["run_began_from"] = first.get("run_began_from", first)
+        from gptforge.checkpoint import WEIGHTS, check_weights_header
+
         if cfg.model.init_from:  # the architecture is the checkpoint's, not the (default) preset's
             config = arch.replace(saved_model, attention=cfg.model.attention)
-            return arch.build_model(config), record
-        return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), record
+        else:
+            config = cfg.model.gpt_config(vocab_size=vocab)
+        # before allocating anything: the weights are what config.json says, and the run's model is theirs
+        check_weights_header(resume_from / WEIGHTS, saved_model)
+        if saved_model.to_dict() | {"attention": None} != config.to_dict() | {"attention": None}:
+            raise GPTForgeError(f"{resume_from}: checkpoint architecture {saved_model} differs from the configured {config}")
+        return arch.build_model(config), record
     if not cfg.model.init_from:
         return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
     return _init_from(cfg, env, tokenizer, data_where)
