@@ -126,6 +126,15 @@ def test_missing_hellaswag_data_is_found_before_step_0(tmp_path, shards_dir, gf)
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
 
 
+def test_unknown_in_loop_task_is_found_before_step_0(tmp_path, shards_dir, gf):
+    run = tmp_path / "run"
+    r = gf("train", *flags(run, shards_dir, **{"run.max_steps": 4, "run.ckpt_every": 2, "run.eval_every": 4,
+                                               "run.eval_tasks": "no_such_task"}))
+    assert_one_line_error(r, "train", "no_such_task")
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+
+
 def test_missing_tracker_is_found_before_step_0(tmp_path, shards_dir, gf, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     run = tmp_path / "run"
