@@ -43,12 +43,9 @@ def _digest(model: torch.nn.Module) -> str:
 
 
 def _build(name: str):
-    from gptforge.modern import Modern, ModernConfig
-    from gptforge.model import GPT, GPTConfig
+    from gptforge.model import GPT, RECIPES, GPTConfig
 
-    if name == "gpt2":
-        return GPT(GPTConfig(**NANO))
-    return Modern(ModernConfig(**NANO))
+    return GPT(GPTConfig(**{**RECIPES[name], **NANO}))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modern"])

@@ -15,7 +15,7 @@ The Python API (nothing heavy is imported until a name is used)::
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "load_tokenizer", "prepare",
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "load_pretrained", "load_tokenizer", "prepare",
            "train_tokenizer", "__version__"]
 
 # name -> (module, attribute). No submodule is named like a top-level function (the trainer lives
@@ -28,6 +28,7 @@ _LAZY = {
     "TrainConfig": ("gptforge.config", "TrainConfig"),
     "train": ("gptforge.training.trainer", "train"),
     "generate": ("gptforge.sampling", "generate"),
+    "load_pretrained": ("gptforge.hf", "load_pretrained"),
     "prepare": ("gptforge.data.prepare", "prepare"),
     "train_tokenizer": ("gptforge.data.tokenizer_sample", "train_tokenizer"),
 }

@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, filled from defaults, then a TOML file, then the command line.
 
 Sections: `model` (which architecture: a preset plus overrides), `data`, `optim`, `run`.
-The architecture itself is `gptforge.model.GPTConfig` or `gptforge.modern.ModernConfig` (model.arch);
+The architecture itself is `gptforge.model.GPTConfig` (model.arch picks its recipe);
 `ModelArgs.gpt_config()` resolves it.
 Unknown keys and wrong types are errors that list the valid keys. Each field's help (`arg(default,
 help)`, kept in the field's metadata) becomes the CLI help of `gptforge train --help`.
@@ -25,7 +25,6 @@ else:  # pragma: no cover
 from gptforge.errors import GPTForgeError
 from gptforge.arch import ARCHS
 from gptforge.model import PRESETS, GPTConfig, preset
-from gptforge.modern import ModernConfig
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
@@ -60,36 +59,17 @@ class ModelArgs:
     zero_init: bool | None = arg(None, "modern: residual output projections initialized to zero (default true)")
     softcap: float | None = arg(None, "modern: logits -> softcap * tanh(logits / softcap), e.g. 15 (modded-nanogpt); default 0 = off (measured neutral; a softcap is not exportable to Hugging Face)")
 
-    def gpt_config(self, vocab_size: int = 50257) -> "GPTConfig | ModernConfig":
-        """The architecture these keys describe: a GPTConfig (arch gpt2) or a ModernConfig."""
+    def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
+        """The architecture these keys describe: the preset's size under model.arch's recipe."""
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
         if self.arch not in ARCHS:
             raise GPTForgeError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         modern_keys = {k: getattr(self, k) for k in MODERN_KEYS if getattr(self, k) is not None}
-        if self.arch == "gpt2":
-            if modern_keys:
-                raise GPTForgeError(f"model.{next(iter(modern_keys))} applies to model.arch modern only (model.arch is gpt2)")
-            return preset(
-                self.preset,
-                vocab_size=vocab_size,
-                dropout=self.dropout,
-                bias=True if self.bias is None else self.bias,
-                attention=self.attention,
-                pad_vocab=self.pad_vocab,
-                **overrides,
-            )
-        if self.preset not in PRESETS:
-            raise GPTForgeError(f"unknown model preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
-        return ModernConfig(
-            **{**PRESETS[self.preset], **overrides},
-            vocab_size=vocab_size,
-            dropout=self.dropout,
-            bias=False if self.bias is None else self.bias,
-            attention=self.attention,
-            pad_vocab=self.pad_vocab,
-            **modern_keys,
-        ).validate()
-
+        if self.arch == "gpt2" and modern_keys:
+            raise GPTForgeError(f"model.{next(iter(modern_keys))} applies to model.arch modern only (model.arch is gpt2)")
+        bias = {} if self.bias is None else {"bias": self.bias}
+        return preset(self.preset, self.arch, vocab_size=vocab_size, dropout=self.dropout, attention=self.attention,
+                      pad_vocab=self.pad_vocab, **overrides, **modern_keys, **bias)
 
 MODERN_KEYS = ("rope", "rope_base", "qk_norm", "norm", "mlp", "tie_embeddings", "zero_init", "softcap")  # ModelArgs keys of arch modern only
 

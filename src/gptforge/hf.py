@@ -137,8 +137,9 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         problems.append(f"activation_function {hf['activation_function']!r} (GPT-2 uses gelu_new)")
     if hf.get("n_inner") not in (None, 4 * (hf.get("n_embd") or 0)):
         problems.append(f"n_inner {hf['n_inner']} (GPT-2's MLP is 4 * n_embd)")
-    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-        problems.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (GPT-2 uses 1e-5)")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        problems.append(f"layer_norm_epsilon {eps!r} (expected a positive number)")
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         problems.append("non-standard attention scaling (scale_attn_by_inverse_layer_idx / scale_attn_weights)")
     if hf.get("add_cross_attention"):
@@ -152,7 +153,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         n_head=hf["n_head"],
         n_embd=hf["n_embd"],
         dropout=0.0,  # inference by default; pass dropout= to fine-tune
-        bias=True,
+        norm_eps=float(eps),
     )
 
 
@@ -328,6 +329,15 @@ def load_pretrained(source: str | os.PathLike, **overrides) -> Model:
 # writing
 
 
+def check_exportable(c: GPTConfig) -> None:
+    """One error naming every key that keeps `c` from being a GPT-2."""
+    gpt2 = dict(norm="layernorm", mlp="gelu", tie_embeddings=True, qk_norm=False, softcap=0.0)
+    wrong = [f"model.{k}={getattr(c, k)} (to {v})" for k, v in gpt2.items() if getattr(c, k) != v]
+    if wrong:
+        raise GPTForgeError("not exportable to Hugging Face (GPT-2 does not compute it): change "
+                            + ", ".join(wrong) + " and train (or fine-tune) with those")
+
+
 def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32, eot_id: int = EOT_ID) -> dict:
     """config.json of a transformers GPT2LMHeadModel with this architecture (<|endoftext|> = eot_id)."""
     return {
@@ -344,7 +354,7 @@ def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32, eot_id: int
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": config.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -425,7 +435,8 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
     if out.exists() and not overwrite:
         raise GPTForgeError(f"{out} already exists (pass --overwrite to replace it)")
     c = model.config
-    if isinstance(c, GPTConfig):
+    if not c.rope:  # learned positions: GPT-2
+        check_exportable(c)
         state = hf_state_dict(model)
         config_json = hf_config(c, state["transformer.wte.weight"].dtype, eot)
     else:  # the modern model: as Qwen3 (or Llama without QK-norm); refused if no HF architecture computes it

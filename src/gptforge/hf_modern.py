@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 
 from gptforge.errors import GPTForgeError
-from gptforge.modern import NORM_EPS, Modern, ModernConfig
+from gptforge.model import GPT as Modern
+from gptforge.model import RECIPES, GPTConfig as ModernConfig
+
+NORM_EPS = RECIPES["modern"]["norm_eps"]
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 LM_HEAD = "lm_head.weight"
@@ -58,7 +61,7 @@ def hf_config(c: ModernConfig, dtype: torch.dtype = torch.float32, eot_id: int =
         "head_dim": c.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": c.block_size,
-        "rms_norm_eps": NORM_EPS,
+        "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
         "tie_word_embeddings": c.tie_embeddings,
@@ -133,8 +136,9 @@ def config_from_hf(hf: dict, where: str) -> ModernConfig:
         problems.append(f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU uses silu)")
-    if abs(float(hf.get("rms_norm_eps", NORM_EPS)) - NORM_EPS) > 1e-12:
-        problems.append(f"rms_norm_eps {hf['rms_norm_eps']} (gptforge uses {NORM_EPS})")
+    eps = hf.get("rms_norm_eps", NORM_EPS)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        problems.append(f"rms_norm_eps {eps!r} (expected a positive number)")
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         problems.append(f"rope scaling {rope.get('rope_type') or hf.get('rope_scaling')!r} (plain RoPE only)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -143,10 +147,10 @@ def config_from_hf(hf: dict, where: str) -> ModernConfig:
         problems.append("sliding-window attention")
     if problems:
         raise GPTForgeError(f"{where}: not a {kind} the modern model computes: " + "; ".join(problems))
-    config = ModernConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                          n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C, rope_base=theta,
-                          qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                          softcap=0.0).validate()
+    config = ModernConfig(**{**RECIPES["modern"], **dict(
+        block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=H, n_embd=C, rope_base=theta, norm_eps=float(eps), qk_norm=kind == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))}).validate()
     if config.mlp_hidden != hf["intermediate_size"]:
         raise GPTForgeError(f"{where}: intermediate_size {hf['intermediate_size']}, but gptforge's SwiGLU at "
                             f"hidden_size {C} has {config.mlp_hidden} (8/3 * C rounded to 64)")

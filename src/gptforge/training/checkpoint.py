@@ -2,7 +2,7 @@
 
 RUN_DIR/checkpoints/step_NNNNNN/
     model.safetensors   weights (safetensors, tied head stored once)
-    config.json         {"model": GPTConfig or ModernConfig, "train": TrainConfig, "step": N, "tokenizer": {...}, ...}
+    config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, "tokenizer": {...}, ...}
     gptforge-tokenizer.json   a trained tokenizer (none for GPT-2's)
     state.pt            optimizer, scaler, schedule, every RNG state, loader position; plain
                         tensors/containers only, so it loads with torch.load(weights_only=True)
