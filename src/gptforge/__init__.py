@@ -28,7 +28,8 @@ _LAZY = {
     "TrainConfig": ("gptforge.config", "TrainConfig"),
     "train": ("gptforge.training.trainer", "train"),
     "generate": ("gptforge.sampling", "generate"),
-    "load_pretrained": ("gptforge.hf", "load_pretrained"),
+    "load_pretrained": ("gptforge.interop.load", "load_pretrained"),
+    "load": ("gptforge.interop.load", "load"),
     "prepare": ("gptforge.data.prepare", "prepare"),
     "train_tokenizer": ("gptforge.data.tokenizer_sample", "train_tokenizer"),
 }
@@ -50,14 +51,6 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-def load(path, device: str = "cpu"):
-    """A trained GPT in eval mode from a gptforge checkpoint directory, a run directory (its newest
-    checkpoint) or a Hugging Face GPT-2 directory."""
-    from gptforge.hf import load_pretrained, resolve_source
-
-    return load_pretrained(resolve_source(path)).to(device).eval()
-
-
 def load_tokenizer(path="gpt2"):
     """The tokenizer of a model or data, named once where it was made: "gpt2", a tokenizer
     directory (gptforge tokenizer train), a prepared data directory, a checkpoint, a run directory
@@ -73,6 +66,6 @@ def load_tokenizer(path="gpt2"):
         from gptforge.data.shards import data_tokenizer
 
         return data_tokenizer(p)
-    from gptforge.hf import tokenizer_of
+    from gptforge.interop.load import tokenizer_of
 
     return tokenizer_of(p)

@@ -7,7 +7,7 @@ LM head is stored once, as `transformer.wte.weight`.
 Every directory written here also holds `SHA256SUMS` (the sha256 of each of its files, in the
 format of coreutils' `sha256sum`, written last inside the atomic directory), and every read checks
 the files it uses against it: `read_config` (the first step of every reader: load_model, resume,
-`GPT.from_pretrained` / hf.py) checks config.json and model.safetensors, `load_state_checked` the
+`GPT.from_pretrained` / gptforge.interop) checks config.json and model.safetensors, `load_state_checked` the
 weights, train/checkpoint.py's `load_train_state` state.pt. A directory written before the sums
 existed loads with a note.
 
@@ -35,8 +35,7 @@ from safetensors.torch import load_file, save_file
 from gptforge import __version__
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import atomic_dir, sha256_file
-from gptforge import arch
-from gptforge.arch import Config, Model
+from gptforge.model import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -126,20 +125,20 @@ def verify_dir(directory: str | Path) -> None:
     verify_files(directory, tuple(sums))
 
 
-def stored_keys(model: Model) -> dict[str, torch.Size]:
+def stored_keys(model: GPT) -> dict[str, torch.Size]:
     """name -> shape of every tensor a model file holds: the state dict less a tied head."""
-    skip = TIED if arch.tied(model) else None
+    skip = TIED if model.tied else None
     return {k: v.shape for k, v in model.state_dict().items() if k != skip}
 
 
-def model_state_for_saving(model: Model) -> dict[str, torch.Tensor]:
+def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     """CPU, contiguous state dict without a tied duplicate and without non-persistent buffers
     (an untied head is saved: it is a Parameter of its own)."""
-    skip = TIED if arch.tied(model) else None
+    skip = TIED if model.tied else None
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != skip}
 
 
-def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: Config, extra: dict | None = None,
+def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None,
                       tokenizer=None) -> None:
     """Write model.safetensors + config.json (+ the tokenizer: its record in config.json, a trained
     one's file beside them) into an existing directory (callers make it atomic)."""
@@ -226,7 +225,7 @@ def read_config(directory: str | Path) -> dict:
     return meta
 
 
-def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
+def load_state_checked(path: Path, model: GPT) -> dict[str, torch.Tensor]:
     """Read a safetensors file (checked against its directory's SHA256SUMS) and check every name
     and shape against `model`."""
     verify_files(Path(path).parent, (Path(path).name,))
@@ -240,10 +239,10 @@ def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_matches(state: dict[str, torch.Tensor], model: Model, where: str) -> None:
+def check_state_matches(state: dict[str, torch.Tensor], model: GPT, where: str) -> None:
     expected = stored_keys(model)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - ({TIED} if arch.tied(model) else set()))
+    unexpected = sorted(set(state) - set(expected) - ({TIED} if model.tied else set()))
     if missing or unexpected:
         raise GPTForgeError(f"{where}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in expected.items():
@@ -253,14 +252,13 @@ def check_state_matches(state: dict[str, torch.Tensor], model: Model, where: str
             )
 
 
-def load_model(directory: str | Path, **config_overrides) -> Model:
-    """Build the model (GPT-2 or modern, by its arch) described by config.json and load its weights (fp32, CPU)."""
+def load_model(directory: str | Path, **config_overrides) -> GPT:
+    """Build the model described by config.json and load its weights (fp32, CPU)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise GPTForgeError(f"{directory}: not a directory; expected a gptforge checkpoint with {WEIGHTS} and {CONFIG}")
     meta = read_config(directory)
-    config = arch.config_from_dict({**meta["model"], **config_overrides})
-    model = arch.build_model(config)
+    model = GPT(GPTConfig.from_dict({**meta["model"], **config_overrides}))
     state = load_state_checked(directory / WEIGHTS, model)
     model.load_state_dict(state, strict=False)  # strict=False: the tied head is not stored
     return model

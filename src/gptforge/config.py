@@ -1,8 +1,8 @@
 """Run configuration: typed dataclasses, filled from defaults, then a TOML file, then the command line.
 
 Sections: `model` (which architecture: a preset plus overrides), `data`, `optim`, `run`.
-The architecture itself is `gptforge.model.GPTConfig` (model.arch picks its recipe);
-`ModelArgs.gpt_config()` resolves it.
+The architecture itself is `gptforge.model.GPTConfig`; `ModelArgs.gpt_config()` resolves it, and
+ModelArgs's switch keys are GPTConfig's switch fields.
 Unknown keys and wrong types are errors that list the valid keys. Each field's help (`arg(default,
 help)`, kept in the field's metadata) becomes the CLI help of `gptforge train --help`.
 """
@@ -23,9 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gptforge.errors import GPTForgeError
-from gptforge.arch import ARCHS
-from gptforge.model import PRESETS, GPTConfig, preset
-
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("auto", "cosine", "wsd")
@@ -37,41 +34,42 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+# --- the model section: its switches are GPTConfig's (gptforge.model), derived, never listed here ---
+from gptforge.model import PRESETS, RECIPES, SWITCHES, GPTConfig, preset  # noqa: E402
+
+
 @dataclass
-class ModelArgs:
-    preset: str = arg("mini", "named architecture: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+class _ModelKeys:
+    preset: str = arg("mini", "named size: nano, mini, tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     n_layer: int | None = arg(None, "override the preset's number of blocks")
     n_head: int | None = arg(None, "override the preset's number of heads")
     n_embd: int | None = arg(None, "override the preset's width")
     block_size: int | None = arg(None, "override the preset's context length")
     dropout: float = arg(0.0, "dropout in attention, residual and embedding paths")
-    bias: bool | None = arg(None, "biases in Linear and LayerNorm; default: the arch's (gpt2: true, modern: false)")
     attention: str = arg("flash", "flash (scaled_dot_product_attention) | manual (explicit mask)")
     pad_vocab: bool = arg(False, "pad the vocabulary 50257 -> 50304 for faster matmuls")
     init_from: str = arg("", "start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs")
-    arch: str = arg("modern", "gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, zero-init: gptforge.modern); the presets size both")
-    rope: bool | None = arg(None, "modern: rotary position embeddings (default true; false = learned positions)")
-    rope_base: float | None = arg(None, "modern: rotary base theta (default 10000)")
-    qk_norm: bool | None = arg(None, "modern: RMSNorm of each head's queries and keys (default true)")
-    norm: str | None = arg(None, "modern: rmsnorm (default) | layernorm")
-    mlp: str | None = arg(None, "modern: swiglu (default; hidden 8C/3 rounded to 64: the 4x MLP's params and FLOPs) | relu2 | gelu")
-    tie_embeddings: bool | None = arg(None, "modern: LM head tied to the token embedding (default false)")
-    zero_init: bool | None = arg(None, "modern: residual output projections initialized to zero (default true)")
-    softcap: float | None = arg(None, "modern: logits -> softcap * tanh(logits / softcap), e.g. 15 (modded-nanogpt); default 0 = off (measured neutral; a softcap is not exportable to Hugging Face)")
+    arch: str = arg("modern", "the recipe the switches below start from: gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, zero-init); the presets size both")
 
     def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
-        """The architecture these keys describe: the preset's size under model.arch's recipe."""
-        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
-        if self.arch not in ARCHS:
-            raise GPTForgeError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        modern_keys = {k: getattr(self, k) for k in MODERN_KEYS if getattr(self, k) is not None}
-        if self.arch == "gpt2" and modern_keys:
-            raise GPTForgeError(f"model.{next(iter(modern_keys))} applies to model.arch modern only (model.arch is gpt2)")
-        bias = {} if self.bias is None else {"bias": self.bias}
+        """The architecture these keys describe: the preset's size, model.arch's switches, the overrides."""
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
+        switches = {k: getattr(self, k) for k in SWITCHES if getattr(self, k) is not None}
         return preset(self.preset, self.arch, vocab_size=vocab_size, dropout=self.dropout, attention=self.attention,
-                      pad_vocab=self.pad_vocab, **overrides, **modern_keys, **bias)
+                      pad_vocab=self.pad_vocab, **sizes, **switches)
 
-MODERN_KEYS = ("rope", "rope_base", "qk_norm", "norm", "mlp", "tie_embeddings", "zero_init", "softcap")  # ModelArgs keys of arch modern only
+
+def _switch_key(f: dataclasses.Field) -> tuple[str, object, dataclasses.Field]:
+    """model.<switch>: unset (None) = model.arch's value; the help is the model config's."""
+    recipes = ", ".join(f"{name} {values[f.name]}" for name, values in RECIPES.items())
+    tp = typing.get_type_hints(GPTConfig)[f.name]
+    return f.name, tp | None, arg(None, f"{f.metadata['help']} (default: model.arch's: {recipes})")
+
+
+ModelArgs = dataclasses.make_dataclass(
+    "ModelArgs", [_switch_key(f) for f in fields(GPTConfig) if f.name in SWITCHES], bases=(_ModelKeys,),
+    namespace={"__module__": __name__, "__doc__": "The `model` section: a size preset, a recipe and its switches."})
+MODERN_KEYS = SWITCHES  # deprecated name: every switch applies to every recipe
 
 
 @dataclass

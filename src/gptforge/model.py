@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, softcap
+from gptforge.loss import HeadLoss, softcap_logits
 
 PAD_MULTIPLE = 128  # 50257 -> 50304: a vocabulary that tiles into fast matmuls
 NORMS = ("rmsnorm", "layernorm")
@@ -388,11 +388,13 @@ class GPT(nn.Module):
                 module.sin.copy_(sin)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+        head_loss: HeadLoss | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (B, T)
-        (-1 = not scored) -> (logits, fp32 cross-entropy loss) through `self.head_loss`, whose
-        fused path returns no logits (see gptforge.loss). Logits are soft-capped when
+        (-1 = not scored) -> (logits, fp32 cross-entropy loss) through `head_loss` (default: the
+        model's own, `self.head_loss`; evaluation passes per-token losses), whose fused path
+        returns no logits (see gptforge.loss). Logits are soft-capped when
         config.softcap is set. With a KV cache, idx continues the cached sequence."""
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
@@ -410,9 +412,10 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is not None:
-            return self.head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, softcap=self.config.softcap)
+            head_loss = head_loss or self.head_loss
+            return head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, softcap=self.config.softcap)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padded columns never predicted
-        return softcap(logits, self.config.softcap), None
+        return softcap_logits(logits, self.config.softcap), None
 
     @property
     def tied(self) -> bool:

@@ -37,8 +37,7 @@ from gptforge.checkpoint import (
 )
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import TMP_PREFIX, atomic_dir, remove_stale_tmp
-from gptforge import arch
-from gptforge.arch import Config, Model
+from gptforge.model import GPT, GPTConfig
 
 STATE = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -189,7 +188,7 @@ def _set_aside_if_damaged(path: Path) -> bool:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: Model,
+    model: GPT,
     model_state: dict[str, torch.Tensor],
     train_state: dict,
     train_config: dict,
@@ -313,18 +312,18 @@ def _why(e: Exception) -> str:
     return text[:200] or type(e).__name__
 
 
-def load_checkpoint_model(ckpt: Path, model: Model) -> None:
+def load_checkpoint_model(ckpt: Path, model: GPT) -> None:
     """Load the weights of a checkpoint into an already-built model (shapes checked)."""
     state = load_state_checked(ckpt / WEIGHTS, model)
     model.load_state_dict(state, strict=False)
 
 
-def checkpoint_meta(ckpt: Path) -> tuple[Config, dict]:
+def checkpoint_meta(ckpt: Path) -> tuple[GPTConfig, dict]:
     meta = read_config(ckpt)
     train = meta.get("train")
     if not isinstance(train, dict):
         raise GPTForgeError(f"{ckpt / CONFIG}: no 'train' section; not a training checkpoint")
-    return arch.config_from_dict(meta["model"]), train
+    return GPTConfig.from_dict(meta["model"]), train
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:

@@ -20,7 +20,7 @@ from gptforge.checkpoint import WEIGHTS, load_state_checked
 from gptforge.config import BatchPlan, TrainConfig, optimizer_name, per_rank_sequences, refuse_fsdp_muon, schedule_name
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision, synchronize
 from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, set_head_loss
+from gptforge.loss import HeadLoss
 from gptforge.measure import best_peak_tflops, choose_lm_head_loss, cpu_matmul_rates, peak_tflops
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
@@ -127,17 +127,6 @@ class Trainer:
         self.model = model.to(self.rt.device)  # the raw module: saved, evaluated, sampled
         gpt_config = self.model.config
         self.seq_len = weights.seq_len_for(cfg, gpt_config)
-        # wrapped (and compiled: under FSDP2 block by block, before sharding) before the optimizer
-        # is built: FSDP2 replaces the parameters by their shards
-        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
-                                        activation_checkpointing=cfg.run.activation_checkpointing,
-                                        compile=cfg.run.compile)
-        arch = getattr(gpt_config, "arch", "gpt2")  # the model's own (init_from: the source's)
-        refusal = refuse_fsdp_muon(cfg, arch)
-        if refusal:
-            raise GPTForgeError(refusal)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
-        self.optim = replace(cfg.optim, schedule=schedule_name(cfg, arch))  # auto resolved
         # The fused LM-head + loss (chunked: no (B, T, V) logits, see loss.LinearCrossEntropy) or
         # the plain logits + cross_entropy, compiled or eager, with row chunks sized per device:
         # the rule is measure.choose_lm_head_loss. Decided before the micro-batch, whose trials
@@ -146,7 +135,18 @@ class Trainer:
         h = self.head_choice = choose_lm_head_loss(
             cfg.run.lm_head_loss, self.rt.device, cfg.run.compile, sequences * self.seq_len, gpt_config.padded_vocab_size,
             self.rt.precision, micro_auto=not cfg.optim.micro_batch_size)
-        set_head_loss(self.model, HeadLoss(h.path, h.rows, h.block_rows, compiled=h.compiled))
+        # wrapped (and compiled: under FSDP2 block by block, before sharding) before the optimizer
+        # is built: FSDP2 replaces the parameters by their shards
+        self.train_model = distrib.wrap(self.model, self.env, self.rt.device, cfg.run.dist,
+                                        activation_checkpointing=cfg.run.activation_checkpointing,
+                                        compile=cfg.run.compile,
+                                        head_loss=HeadLoss(h.path, h.rows, h.block_rows, compiled=h.compiled))
+        arch = gpt_config.recipe  # the model's own (init_from: the source's)
+        refusal = refuse_fsdp_muon(cfg, arch)
+        if refusal:
+            raise GPTForgeError(refusal)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.rt.device, optimizer_name(cfg, arch))
+        self.optim = replace(cfg.optim, schedule=schedule_name(cfg, arch))  # auto resolved
         saved_micro = None
         if self.resume_from is not None:  # auto re-derives only if the world size changed
             saved_micro = (ckpt.checkpoint_meta(self.resume_from)[1].get("resolved") or {}).get("micro_batch")
