@@ -68,18 +68,19 @@ def main() -> None:
 
     import transformers
 
-    from gptforge import arch, measure
+    from gptforge import measure
     from gptforge import config as C
     from gptforge.device import Runtime
     from gptforge.eval.downstream import encode_task, score
     from gptforge.eval.tasks import load_task, parse_names
-    from gptforge.hf import export_hf
+    from gptforge.interop.export import export_hf
+    from gptforge.model import GPT
     from gptforge.tokenizer import Tokenizer
 
     cfg = C.resolve(None, [("model.preset", args.preset), ("model.arch", args.arch), ("model.pad_vocab", "false")])
     mc = cfg.model.gpt_config(50257)
     torch.manual_seed(0)
-    model = arch.build_model(mc).eval()
+    model = GPT(mc).eval()
     tok = Tokenizer()
     task = load_task(parse_names(args.task)[0], args.examples)
     encoded = encode_task(task, tok)

@@ -114,7 +114,7 @@ def common_bpb(run_dir: Path, docs: list[str]) -> float:
 
     from gptforge.device import Runtime
     from gptforge.eval.perplexity import evaluate_loss
-    from gptforge.hf import load_pretrained, tokenizer_of
+    from gptforge.interop.load import load_pretrained, tokenizer_of
 
     model, tok = load_pretrained(run_dir), tokenizer_of(run_dir)
     ids = [t for d in docs for t in [tok.eot_id] + tok.encode(d)]

@@ -24,7 +24,7 @@ from gptforge import config as C
 from gptforge.commands.train import build_config
 from gptforge.data.loader import ShardLoader
 from gptforge.errors import GPTForgeError
-from gptforge.hf import load_pretrained
+from gptforge.interop.load import load_pretrained
 from gptforge.loss import HeadLoss
 from gptforge.model import GPT, preset
 from gptforge.training import checkpoint as ckpt

@@ -18,7 +18,9 @@ from gptforge import cli
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import GPTForgeError
 from gptforge.sampling import generate
-from gptforge.hf import export_hf, hf_state_dict, load_pretrained
+from gptforge.interop.export import export_hf
+from gptforge.interop.gpt2 import hf_state_dict
+from gptforge.interop.load import load_pretrained
 from gptforge.model import GPT, GPTConfig, preset
 from gptforge.tokenizer import Tokenizer, bpe_files
 from helpers import randomize

@@ -16,8 +16,9 @@ import torch
 from gptforge.checkpoint import load_model, save_model, write_sums
 from gptforge.errors import GPTForgeError
 from gptforge.sampling import generate
-from gptforge.hf import export_hf, load_pretrained
-from gptforge.loss import HeadLoss, use
+from gptforge.interop.export import export_hf
+from gptforge.interop.load import load_pretrained
+from gptforge.loss import HeadLoss
 from gptforge.model import GPT, GPTConfig, KVCache, preset
 from helpers import randomize
 
@@ -235,8 +236,8 @@ def test_over_long_sequence():
 def head_grads(model, x, y, dtype=None, head_loss=HeadLoss()):
     """Loss and every parameter's gradient of one forward/backward (under autocast to dtype)."""
     model.zero_grad()
-    with use(model, head_loss), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        logits, loss = model(x, y)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits, loss = model(x, y, head_loss=head_loss)
     (loss / 2).backward()  # a loss scaled as accumulation does
     assert (logits is None) == (head_loss.path == "fused")
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -285,8 +286,8 @@ def test_fused_loss_in_fp16_keeps_small_gradients_when_the_loss_is_scaled():
     x, y = tokens(32, batch=3, seed=5), tokens(32, batch=3, seed=6)
     _, grads_ref = head_grads(model, x, y)
     model.zero_grad()
-    with use(model, HeadLoss("fused", 40)), torch.autocast("cpu", dtype=torch.float16):
-        _, loss = model(x, y)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, loss = model(x, y, head_loss=HeadLoss("fused", 40))
     (loss * 2**16).backward()
     ref = grads_ref["transformer.wte.weight"][:50257] * 2 * 2**16  # head_grads halved the loss
     got = model.transformer.wte.weight.grad[:50257]
@@ -305,8 +306,24 @@ def test_per_token_losses_equal_plain_cross_entropy():
         logits, _ = model(x)
         want = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="none")
         for path, rows, block_rows in (("fused", 0, 0), ("fused", 5, 2), ("fused", 1000, 0), ("plain", 0, 0)):
-            with use(model, HeadLoss(path, rows, block_rows, reduction="none")):
-                _, got = model(x, y)
+            _, got = model(x, y, head_loss=HeadLoss(path, rows, block_rows, reduction="none"))
             assert got.shape == (3, 32) and got.dtype == torch.float32
             torch.testing.assert_close(got, want.view(3, 32), rtol=1e-5, atol=1e-5)
             assert (got[1, 3:9] == 0).all()
+
+
+def test_the_head_loss_is_chosen_at_construction_or_per_forward():
+    """No attribute is swapped into the model from outside: its builder passes the head loss to
+    the constructor (or training.distributed.wrap gives it to the raw model before wrapping), and
+    a forward may pass another (evaluation's per-token losses)."""
+    import gptforge.loss as L
+
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config, head_loss=HeadLoss("fused"))
+    x, y = tokens(16, batch=2, seed=1, vocab=64), tokens(16, batch=2, seed=2, vocab=64)
+    logits, loss = model(x, y)
+    assert logits is None and loss.shape == ()
+    logits, per_token = model(x, y, head_loss=HeadLoss("plain", reduction="none"))
+    assert logits.shape == (2, 16, 64) and per_token.shape == (2, 16)
+    assert model.head_loss == HeadLoss("fused")  # a forward's choice does not stay
+    assert not any(hasattr(L, name) for name in ("set_head_loss", "use", "unwrap", "softcap", "cap_logits"))

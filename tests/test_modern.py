@@ -16,23 +16,29 @@ import sys
 import pytest
 import torch
 
-from gptforge import arch
 from gptforge import config as C
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import GPTForgeError
-from gptforge.hf import export_hf, load_pretrained
+from gptforge.interop.export import export_hf
+from gptforge.interop.load import load_pretrained
 from gptforge.loss import HeadLoss
-from gptforge.model import KVCache
-from gptforge.modern import Modern, ModernConfig
+from gptforge.model import GPT, RECIPES, GPTConfig, KVCache
 from gptforge.sampling import generate
 
 NANO = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
 
 
-def nano(seed: int = 0, std: float = 0.05, **overrides) -> Modern:
+def modern(**fields) -> GPTConfig:
+    """GPTConfig of the modern recipe under `fields`."""
+    return GPTConfig(**{**RECIPES["modern"], **fields})
+
+
+
+
+def nano(seed: int = 0, std: float = 0.05, **overrides) -> GPT:
     """A nano modern model, weights perturbed off init (zero-init would make blocks identities)."""
     torch.manual_seed(seed)
-    m = Modern(ModernConfig(**{**NANO, **overrides}))
+    m = GPT(modern(**{**NANO, **overrides}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -56,16 +62,16 @@ def test_shapes_finiteness_and_names():
     assert "transformer.wpe.weight" not in names and "lm_head.weight" in names
     assert m.lm_head.weight is not m.transformer.wte.weight  # untied
     assert not any(n.endswith(".bias") for n in names)  # no biases
-    assert m.config.mlp_hidden == 192 and ModernConfig().mlp_hidden == 2048  # 8C/3 rounded to 64
-    big = ModernConfig()  # SwiGLU at the 4x MLP's parameters, at GPT-2 124M's width
+    assert m.config.mlp_hidden == 192 and modern().mlp_hidden == 2048  # 8C/3 rounded to 64
+    big = modern()  # SwiGLU at the 4x MLP's parameters, at GPT-2 124M's width
     assert 3 * big.n_embd * big.mlp_hidden == 2 * big.n_embd * 4 * big.n_embd
 
 
 def test_zero_init_makes_blocks_identities():
-    m = Modern(ModernConfig(**NANO))
+    m = GPT(modern(**NANO))
     for block in m.transformer.h:
         assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.c_proj.weight.abs().max() == 0
-    m2 = Modern(ModernConfig(**NANO, zero_init=False))
+    m2 = GPT(modern(**NANO, zero_init=False))
     assert m2.transformer.h[0].attn.c_proj.weight.abs().max() > 0
 
 
@@ -126,7 +132,7 @@ SWITCHES = [dict(rope=False), dict(qk_norm=False), dict(norm="layernorm"), dict(
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_each_switch_builds_and_trains_a_step(switch):
     torch.manual_seed(0)
-    m = Modern(ModernConfig(**{**NANO, **switch}))
+    m = GPT(modern(**{**NANO, **switch}))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     x, y = tokens(16), tokens(16, seed=1)
     before = m(x, y)[1]
@@ -176,25 +182,24 @@ def test_model_loss_paths_agree():
 def test_model_args_dispatch_and_errors():
     cfg = C.resolve(None, [("model.preset", "nano"), ("model.arch", "modern"), ("model.mlp", "relu2")])
     mc = cfg.model.gpt_config()
-    assert isinstance(mc, ModernConfig) and mc.mlp == "relu2" and mc.bias is False and mc.n_embd == 64
-    assert isinstance(arch.build_model(mc), Modern)
-    assert isinstance(C.resolve(None, [("model.preset", "nano")]).model.gpt_config(), ModernConfig)  # the default
+    assert mc.recipe == "modern" and mc.mlp == "relu2" and mc.bias is False and mc.n_embd == 64
+    assert GPT(mc).config.mlp == "relu2"
+    assert C.resolve(None, [("model.preset", "nano")]).model.gpt_config().recipe == "modern"  # the default
     gpt2 = C.resolve(None, [("model.preset", "nano"), ("model.arch", "gpt2")]).model.gpt_config()
-    assert type(gpt2).__name__ == "GPTConfig" and gpt2.bias is True and "arch" not in gpt2.to_dict()
-    with pytest.raises(GPTForgeError, match=r"model.rope applies to model.arch modern only"):
-        C.resolve(None, [("model.arch", "gpt2"), ("model.rope", "false")])
+    assert gpt2 == GPTConfig(**{**NANO, "block_size": 64}) and gpt2.recipe == "gpt2"
+    assert C.resolve(None, [("model.arch", "gpt2"), ("model.rope", "true")]).model.gpt_config().rope  # any recipe, any switch
     with pytest.raises(GPTForgeError, match=r"model.arch must be one of gpt2, modern"):
         C.resolve(None, [("model.arch", "llama")])
     with pytest.raises(GPTForgeError, match=r"model.norm must be one of rmsnorm, layernorm"):
         C.resolve(None, [("model.arch", "modern"), ("model.norm", "batchnorm")])
     with pytest.raises(GPTForgeError, match=r"unknown model.arch 'mamba'"):
-        arch.config_from_dict({"arch": "mamba"})
+        GPTConfig.from_dict({"arch": "mamba"})
 
 
 def test_modern_124m_config_parses():
     cfg = C.resolve("modern-124m", [])
     mc = cfg.model.gpt_config()
-    assert isinstance(mc, ModernConfig) and (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size) == (12, 12, 768, 1024)
+    assert mc.recipe == "modern" and (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size) == (12, 12, 768, 1024)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -204,12 +209,12 @@ def test_checkpoint_keeps_the_untied_head(tmp_path):
     m = nano()
     save_model(m, tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert meta["model"]["arch"] == "modern"
+    assert GPTConfig.from_dict(meta["model"]) == m.config
     from safetensors.torch import load_file
 
     assert "lm_head.weight" in load_file(str(tmp_path / "ck" / "model.safetensors"))
     back = load_model(tmp_path / "ck")
-    assert isinstance(back, Modern)
+    assert isinstance(back, GPT)
     assert torch.equal(back.lm_head.weight, m.lm_head.weight)
     x = tokens(10)
     with torch.no_grad():
@@ -246,7 +251,7 @@ def test_export_parity_with_transformers(tmp_path, qk_norm, kind, tie):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.encode("def f():") == [4299, 277, 33529]
     back = load_pretrained(out)  # import-hf's reader: the same function
-    assert isinstance(back, Modern) and back.config.qk_norm is qk_norm
+    assert isinstance(back, GPT) and back.config.qk_norm is qk_norm
     with torch.no_grad():
         assert (back(x)[0] - m(x)[0]).abs().max() < 1e-6
 
@@ -263,7 +268,7 @@ def test_import_hf_cli_round_trip(tmp_path):
     p = run_cli("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"))
     assert p.returncode == 0, p.stderr
     back = load_model(tmp_path / "ck")
-    assert isinstance(back, Modern)
+    assert isinstance(back, GPT)
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     p = run_cli("export", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf2"))
@@ -299,7 +304,7 @@ def test_cli_train_resume_bitwise_sample_eval(tmp_path, shards_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
     assert losses(half) == losses(full) and sorted(losses(full)) == [0, 1, 2, 3]  # bitwise
-    assert isinstance(load_model(full / "checkpoints" / "step_000004"), Modern)
+    assert isinstance(load_model(full / "checkpoints" / "step_000004"), GPT)
     p = run_cli("sample", str(full), "--max-new-tokens", "8", "--seed", "1")
     assert p.returncode == 0, p.stderr
     p = run_cli("eval", str(full), "--data", str(shards_dir), "--max-tokens", "256")

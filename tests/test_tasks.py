@@ -143,9 +143,9 @@ def make_model(arch: str, vocab: int, block_size: int = 128, seed: int = 0):
 
         m = GPT(preset("nano", vocab_size=vocab, block_size=block_size))
     else:
-        from gptforge.modern import Modern, ModernConfig
+        from gptforge.model import GPT, RECIPES, GPTConfig
 
-        m = Modern(ModernConfig(block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=64, softcap=0.0))
+        m = GPT(GPTConfig(**RECIPES["modern"], block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=64))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -201,7 +201,7 @@ def test_loglikelihoods_equal_transformers_on_the_export(tmp_path, trained_tok, 
     contexts cropped to block_size, so the accuracies are identical."""
     pytest.importorskip("transformers")
     from gptforge.eval.downstream import encode_task, score, task_metrics
-    from gptforge.hf import export_hf
+    from gptforge.interop.export import export_hf
 
     tok = tokenizer_for(tok_kind, trained_tok)
     block = 128

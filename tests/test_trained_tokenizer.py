@@ -426,7 +426,7 @@ def test_same_ids_through_sample_eval_and_export(bpe_run, data_dir, tok, corpus_
     prompt = "def f(x):\n    return x  # 日本 🦙"
     got = sample(str(run), prompt, max_new_tokens=4, temperature=0, seed=0, device="cpu", precision="fp32",
                  out=open(tmp_path / "s.txt", "w"))
-    from gptforge.hf import load_pretrained
+    from gptforge.interop.load import load_pretrained
     from gptforge.sampling import generate
 
     model = load_pretrained(run)
@@ -461,7 +461,7 @@ def test_bits_per_byte_equals_a_hand_computation(bpe_run, data_dir, tok):
     from gptforge.data.loader import ShardLoader
     from gptforge.device import Runtime
     from gptforge.eval.perplexity import evaluate_loss
-    from gptforge.hf import load_pretrained
+    from gptforge.interop.load import load_pretrained
 
     run, _ = bpe_run
     model = load_pretrained(run)

@@ -15,7 +15,7 @@ The Python API (nothing heavy is imported until a name is used)::
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "load_tokenizer", "prepare",
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "TrainConfig", "train", "generate", "load", "load_pretrained", "load_tokenizer", "prepare",
            "train_tokenizer", "__version__"]
 
 # name -> (module, attribute). No submodule is named like a top-level function (the trainer lives
@@ -28,6 +28,8 @@ _LAZY = {
     "TrainConfig": ("gptforge.config", "TrainConfig"),
     "train": ("gptforge.training.trainer", "train"),
     "generate": ("gptforge.sampling", "generate"),
+    "load_pretrained": ("gptforge.interop.load", "load_pretrained"),
+    "load": ("gptforge.interop.load", "load"),
     "prepare": ("gptforge.data.prepare", "prepare"),
     "train_tokenizer": ("gptforge.data.tokenizer_sample", "train_tokenizer"),
 }
@@ -49,19 +51,11 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-def load(path, device: str = "cpu"):
-    """A trained GPT in eval mode from a gptforge checkpoint directory, a run directory (its newest
-    checkpoint) or a Hugging Face GPT-2 directory."""
-    from gptforge.hf import load_pretrained, resolve_source
-
-    return load_pretrained(resolve_source(path)).to(device).eval()
-
-
 def load_tokenizer(path="gpt2"):
     """The tokenizer of a model or data, named once where it was made: "gpt2", a tokenizer
     directory (gptforge tokenizer train), a prepared data directory, a checkpoint, a run directory
     (its newest checkpoint) or a Hugging Face directory gptforge exported."""
-    from gptforge.hf import locate
+    from gptforge.interop.load import locate
     from gptforge.tokenizer import resolve
 
     return resolve(path, locate=locate)

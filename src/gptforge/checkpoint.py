@@ -7,7 +7,7 @@ LM head is stored once, as `transformer.wte.weight`.
 Every directory written here also holds `SHA256SUMS` (the sha256 of each of its files, in the
 format of coreutils' `sha256sum`, written last inside the atomic directory), and every read checks
 the files it uses against it: `read_config` (the first step of every reader: load_model, resume,
-`GPT.from_pretrained` / hf.py) checks config.json and model.safetensors, `load_state_checked` the
+`GPT.from_pretrained` / gptforge.interop) checks config.json and model.safetensors, `load_state_checked` the
 weights, train/checkpoint.py's `load_train_state` state.pt. A directory written before the sums
 existed loads with a note.
 
@@ -35,8 +35,7 @@ from gptforge import __version__
 from gptforge.errors import GPTForgeError
 from gptforge import fsutil
 from gptforge.fsutil import replace_dir, sha256_file
-from gptforge import arch
-from gptforge.arch import Config, Model
+from gptforge.model import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -113,20 +112,20 @@ def verify_dir(directory: str | Path) -> None:
     verify_files(directory, tuple(sums))
 
 
-def stored_keys(model: Model) -> dict[str, torch.Size]:
+def stored_keys(model: GPT) -> dict[str, torch.Size]:
     """name -> shape of every tensor a model file holds: the state dict less a tied head."""
-    skip = TIED if arch.tied(model) else None
+    skip = TIED if model.tied else None
     return {k: v.shape for k, v in model.state_dict().items() if k != skip}
 
 
-def model_state_for_saving(model: Model) -> dict[str, torch.Tensor]:
+def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     """CPU, contiguous state dict without a tied duplicate and without non-persistent buffers
     (an untied head is saved: it is a Parameter of its own)."""
-    skip = TIED if arch.tied(model) else None
+    skip = TIED if model.tied else None
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != skip}
 
 
-def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: Config, extra: dict | None = None,
+def write_model_files(directory: Path, state: dict[str, torch.Tensor], config: GPTConfig, extra: dict | None = None,
                       tokenizer=None) -> None:
     """Write model.safetensors + config.json (+ the tokenizer: its record in config.json, a trained
     one's file beside them) into an existing directory (callers make it atomic)."""
@@ -220,29 +219,25 @@ def read_config(directory: str | Path) -> dict:
 _JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def model_config(meta: dict, path: Path) -> Config:
+def model_config(meta: dict, path: Path) -> GPTConfig:
     """The architecture of a config.json's `model` section; a field of the wrong type or an
     impossible value is one line naming the file and the field."""
     import dataclasses
 
     section = meta["model"]
-    try:
-        cls = arch.GPTConfig if arch.arch_of(section) == "gpt2" else arch.ModernConfig
-    except GPTForgeError as e:
-        raise GPTForgeError(f"{path}: field 'model.arch': {e}") from None
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(GPTConfig):
         if f.name not in section:
             continue
         value, want = section[f.name], _JSON_TYPES.get(str(f.type), (object,))
         if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
             raise GPTForgeError(f"{path}: field 'model.{f.name}' must be {f.type}, got {value!r:.80}")
     try:
-        return arch.config_from_dict(section)
+        return GPTConfig.from_dict(section)
     except (GPTForgeError, TypeError, ValueError) as e:
         raise GPTForgeError(f"{path}: field 'model' is not a valid architecture: {e}") from e
 
 
-def check_weights_header(path: Path, config: Config) -> None:
+def check_weights_header(path: Path, config: GPTConfig) -> None:
     """The tensor names and shapes in a safetensors file's header against the model `config`
     describes, before that model is built (on the meta device: nothing is allocated). A
     config.json that claims a far bigger model than its weights is one line, not an allocator
@@ -257,7 +252,7 @@ def check_weights_header(path: Path, config: Config) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise GPTForgeError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
     with torch.device("meta"):
-        model = arch.build_model(config)
+        model = GPT(config)
     c = config
     try:
         check_shapes(shapes, model, str(path))
@@ -294,7 +289,7 @@ def field_problems(d: dict, positive: tuple[str, ...] = (), floats: tuple[str, .
     return problems
 
 
-def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
+def load_state_checked(path: Path, model: GPT) -> dict[str, torch.Tensor]:
     """Read a safetensors file (checked against its directory's SHA256SUMS) and check every name
     and shape against `model`."""
     verify_files(Path(path).parent, (Path(path).name,))
@@ -308,15 +303,15 @@ def load_state_checked(path: Path, model: Model) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_matches(state: dict[str, torch.Tensor], model: Model, where: str) -> None:
+def check_state_matches(state: dict[str, torch.Tensor], model: GPT, where: str) -> None:
     check_shapes({k: tuple(v.shape) for k, v in state.items()}, model, where)
 
 
-def check_shapes(state: dict[str, tuple], model: Model, where: str) -> None:
+def check_shapes(state: dict[str, tuple], model: GPT, where: str) -> None:
     """name -> shape of a weights file against the tensors `model` stores."""
     expected = stored_keys(model)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - ({TIED} if arch.tied(model) else set()))
+    unexpected = sorted(set(state) - set(expected) - ({TIED} if model.tied else set()))
     if missing or unexpected:
         raise GPTForgeError(f"{where}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in expected.items():
@@ -326,15 +321,15 @@ def check_shapes(state: dict[str, tuple], model: Model, where: str) -> None:
             )
 
 
-def load_model(directory: str | Path, **config_overrides) -> Model:
-    """Build the model (GPT-2 or modern, by its arch) described by config.json and load its weights (fp32, CPU)."""
+def load_model(directory: str | Path, **config_overrides) -> GPT:
+    """Build the model described by config.json and load its weights (fp32, CPU)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise GPTForgeError(f"{directory}: not a directory; expected a gptforge checkpoint with {WEIGHTS} and {CONFIG}")
     meta = read_config(directory)
-    config = arch.config_from_dict({**meta["model"], **config_overrides})
+    config = GPTConfig.from_dict({**meta["model"], **config_overrides})
     check_weights_header(directory / WEIGHTS, config)
-    model = arch.build_model(config)
+    model = GPT(config)
     state = load_state_checked(directory / WEIGHTS, model)
     model.load_state_dict(state, strict=False)  # strict=False: the tied head is not stored
     return model

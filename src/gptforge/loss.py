@@ -8,16 +8,16 @@ Two paths compute the same loss and gradients (up to float rounding):
   chunk of logits: eagerly, each chunk is turned into its gradient in place, in cache-sized
   blocks (a CPU); compiled, each chunk is one graph of matmul, loss and gradient (a GPU).
 
-A model calls its `head_loss` (a `HeadLoss`) from `forward(idx, targets)`; the trainer and eval
-choose the path, chunk sizes and compilation per device (gptforge.measure.choose_lm_head_loss,
-lm_head_chunks) and set it with `use` / `set_head_loss`, so the model's code holds no device
-policy. Shapes: N rows (B * T), C channels, V vocabulary (V_padded with padding rows that are
+A model calls its `head_loss` (a `HeadLoss`) from `forward(idx, targets)`: the one it was built
+with (`GPT(config, head_loss)`; the trainer gives it to the raw model before wrapping,
+training.distributed.wrap), or one passed to forward (evaluation's per-token losses). The path,
+chunk sizes and compilation per device are chosen by gptforge.measure (choose_lm_head_loss,
+lm_head_chunks), so the model's code holds no device policy. Shapes: N rows (B * T), C channels, V vocabulary (V_padded with padding rows that are
 never a prediction).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -74,8 +74,6 @@ def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return logits if not cap else cap * torch.tanh(logits / cap)
 
 
-softcap = softcap_logits  # the name the models import
-
 
 def _plain_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     """cross_entropy of the logits' fp32 copy (B, T, V) against targets (B, T), -1 not scored."""
@@ -94,32 +92,6 @@ def _maybe_compiled(fn, compiled: bool):
     if not compiled or torch.compiler.is_compiling():
         return fn
     return _compile(fn, COMPILE_BACKEND)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP (.module) and torch.compile (._orig_mod) wrappers (FSDP2 wraps in place)."""
-    while not hasattr(model, "head_loss"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"{type(model).__name__} is not a gptforge model (it has no head_loss)")
-        model = inner
-    return model
-
-
-def set_head_loss(model: torch.nn.Module, head_loss: HeadLoss) -> None:
-    unwrap(model).head_loss = head_loss
-
-
-@contextlib.contextmanager
-def use(model: torch.nn.Module, head_loss: HeadLoss):
-    """Run `model`'s forwards with `head_loss`, then give back the one it had (eval inside training)."""
-    inner = unwrap(model)
-    before = inner.head_loss
-    inner.head_loss = head_loss
-    try:
-        yield model
-    finally:
-        inner.head_loss = before
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -21,7 +21,7 @@ import torch
 
 from gptforge.device import DTYPES, Runtime
 from gptforge.errors import GPTForgeError
-from gptforge.arch import Model
+from gptforge.model import GPT
 from gptforge.model import KVCache
 
 EOT_ID = 50256
@@ -70,7 +70,7 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-def _cache_dtype(model: Model, runtime: Runtime | None) -> torch.dtype:
+def _cache_dtype(model: GPT, runtime: Runtime | None) -> torch.dtype:
     """Keys/values come out of c_attn in the autocast dtype when autocast is on."""
     if runtime is not None and runtime.precision in ("bf16", "fp16"):
         return DTYPES[runtime.precision]
@@ -81,7 +81,7 @@ def _cache_dtype(model: Model, runtime: Runtime | None) -> torch.dtype:
 # several torch versions ("Inference tensors do not track version counter")
 @torch.no_grad()
 def stream_batch(
-    model: Model,
+    model: GPT,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     num_samples: int = 1,
@@ -136,7 +136,7 @@ def stream_batch(
 
 
 def generate_batch(
-    model: Model,
+    model: GPT,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     num_samples: int = 1,
@@ -164,7 +164,7 @@ def generate_batch(
 
 
 def generate(
-    model: Model,
+    model: GPT,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -181,7 +181,7 @@ def generate(
 
 
 def stream(
-    model: Model,
+    model: GPT,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     temperature: float = 1.0,

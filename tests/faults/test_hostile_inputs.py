@@ -207,11 +207,11 @@ def test_hf_gpt2_config_of_the_wrong_type(tmp_path, hf_dir, gf, field, value):
 @pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", 0), ("rms_norm_eps", "tiny"),
                                           ("num_attention_heads", "4"), ("rope_theta", "big")])
 def test_hf_qwen3_config_of_the_wrong_type(tmp_path, gf, field, value):
-    from gptforge.hf import export_hf
-    from gptforge.modern import Modern, ModernConfig
+    from gptforge.interop.export import export_hf
+    from gptforge.model import GPT, RECIPES, GPTConfig
 
     src = tmp_path / "src"
-    export_hf(Modern(ModernConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=64, softcap=0.0)), src)
+    export_hf(GPT(GPTConfig(**RECIPES["modern"], block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=64)), src)
     meta = json.loads((src / "config.json").read_text())
     meta[field] = value
     (src / "config.json").write_text(json.dumps(meta))

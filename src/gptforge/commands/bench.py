@@ -6,6 +6,7 @@ import argparse
 
 from gptforge.bench import LADDER
 from gptforge.commands.options import add_shared
+from gptforge.model import RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench.png (tokens/s per rung) to --out.",
     )
     add_shared(p, "preset", default="", help="model preset (default: gpt2 on CUDA, tiny elsewhere)")
-    p.add_argument("--model.arch", dest="arch", default="gpt2", choices=["gpt2", "modern"],
-                   help="architecture (default gpt2; modern: gptforge.modern)")
+    p.add_argument("--model.arch", dest="arch", default="gpt2", choices=list(RECIPES),
+                   help="the recipe of model switches (gptforge.model.RECIPES; default gpt2)")
     p.add_argument("--batch", type=int, default=0, help="micro-batch size B (default: 16 on CUDA, 4 elsewhere)")
     p.add_argument("--seq-len", type=int, default=0, help="sequence length T (default: the preset's block_size)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per rung (default: 10 on CUDA, 3 elsewhere)")

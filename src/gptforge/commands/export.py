@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     import json
 
-    from gptforge.hf import export_hf, resolve_source
+    from gptforge.interop.export import export_hf
+    from gptforge.interop.load import resolve_source
 
     a = build_parser().parse_args(argv)
     path = resolve_source(a.ckpt)

@@ -20,12 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from gptforge.checkpoint import save_model
-    from gptforge.hf import load_pretrained, tokenizer_of
+    from gptforge.interop.load import open_source
 
     a = build_parser().parse_args(argv)
     overrides = {"pad_vocab": True} if a.pad_vocab else {}
-    model = load_pretrained(a.src, **overrides)
-    out = save_model(model, a.out, extra={"imported_from": str(a.src)}, overwrite=a.overwrite, tokenizer=tokenizer_of(a.src),
+    source = open_source(a.src)
+    model = source.load(**overrides)
+    out = save_model(model, a.out, extra={"imported_from": str(a.src)}, overwrite=a.overwrite, tokenizer=source.tokenizer(),
                      inputs=[a.src] if Path(a.src).exists() else [])
     print(f"gptforge import-hf: {a.src} -> {out} ({model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
     return 0

@@ -50,15 +50,16 @@ def sample(
 ) -> list[list[int]]:
     """Stream num_samples continuations of `prompt` to `out` (stdout); return their token ids."""
     from gptforge import sampling as gen
-    from gptforge.hf import load_pretrained, resolve_source, tokenizer_of
+    from gptforge.interop.load import open_source
 
     out = out or sys.stdout
     gen.validate(max_new_tokens, temperature, top_k, top_p, num_samples)
     runtime = Runtime.make(device, precision)
-    path = resolve_source(ckpt)
-    model = load_pretrained(path).to(runtime.device)
+    source = open_source(ckpt)
+    path = source.path
+    model = source.load().to(runtime.device)
     print(f"gptforge sample: {path} ({model.num_params() / 1e6:.1f}M parameters) on {runtime.device}, {runtime.precision}", file=sys.stderr)
-    tok = tokenizer_of(path)  # the model's own: GPT-2's, or the one it was trained with
+    tok = source.tokenizer()  # the model's own: GPT-2's, or the one it was trained with
     prompt_ids = tok.encode(prompt, allow_eot=True) or [tok.eot_id]
     results = []
     for i in range(num_samples):

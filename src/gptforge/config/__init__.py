@@ -6,14 +6,10 @@ of every field together, config.validation; each field's help (`arg(default, hel
 field's metadata) is the CLI help of `gptforge train --help`, config.fields. Unknown keys and
 wrong types are errors that list the valid keys.
 
-Batch arithmetic and the optimizer/schedule policy live with training (gptforge.training.plan);
-their old names here still work and warn.
+Batch arithmetic and the optimizer/schedule policy live with training (gptforge.training.plan).
 """
 
 from __future__ import annotations
-
-import importlib
-import warnings
 
 from gptforge.config.fields import arg, field_help
 from gptforge.config.loading import load_toml, packaged_config, packaged_configs, parse_overrides, resolve
@@ -27,13 +23,3 @@ __all__ = [
     "DataArgs", "ModelArgs", "OptimArgs", "RunArgs", "TrainConfig", "apply_dict", "arg", "describe", "field_help",
     "load_toml", "packaged_config", "packaged_configs", "parse_overrides", "resolve", "set_value", "validate",
 ]
-
-# names that moved to gptforge.training.plan (policy, not schema): still importable from here
-MOVED = ("BatchPlan", "per_rank_sequences", "seq_len_of", "optimizer_name", "schedule_name", "refuse_fsdp_muon")
-
-
-def __getattr__(name: str):
-    if name in MOVED:
-        warnings.warn(f"gptforge.config.{name} is gptforge.training.plan.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("gptforge.training.plan"), name)
-    raise AttributeError(f"module 'gptforge.config' has no attribute {name!r}")

@@ -29,7 +29,7 @@ import torch
 
 from gptforge.errors import GPTForgeError
 from gptforge.eval.tasks import Task, TaskSpec, load_task
-from gptforge.loss import HeadLoss, unwrap, use
+from gptforge.loss import HeadLoss
 
 BATCH_TOKENS = 8192  # tokens (rows x padded length) per forward of the length-batched path
 
@@ -142,17 +142,14 @@ def plan(encoded: list[list[Row]], block_size: int, batch_tokens: int = BATCH_TO
 def _head(model, runtime, want_logits: bool) -> HeadLoss:
     if want_logits:  # the greedy check needs the logits: the plain path (short LAMBADA rows)
         return HeadLoss("plain", reduction="none")
-    rows, block_rows = runtime.lm_head_chunks(unwrap(model).config.padded_vocab_size)
+    rows, block_rows = runtime.lm_head_chunks(model.config.padded_vocab_size)
     return HeadLoss("fused", rows, block_rows, reduction="none")
 
 
 def _forward(model, x, y, runtime, want_logits: bool, kv_cache=None):
     """(logits or None, per-token losses (B, T) fp32, 0 where y is -1)."""
-    with use(model, _head(model, runtime, want_logits)), runtime.autocast():
-        if kv_cache is None:
-            logits, losses = model(x, y)
-        else:
-            logits, losses = model(x, y, kv_cache=kv_cache)
+    with runtime.autocast():
+        logits, losses = model(x, y, kv_cache=kv_cache, head_loss=_head(model, runtime, want_logits))
     return logits, losses.view(y.shape)
 
 
@@ -193,7 +190,7 @@ def _score_shared(model, rows: list[Row], runtime, want_logits: bool):
     a KV cache; each row then continues it with [last context token] + continuation."""
     from gptforge.model import KVCache
 
-    m = unwrap(model)
+    m = model
     ctx = rows[0].ctx
     dtype = torch.float16 if runtime.precision == "fp16" else torch.bfloat16 if runtime.precision == "bf16" \
         else next(m.parameters()).dtype
@@ -222,9 +219,8 @@ def score(model, encoded: list[list[Row]], runtime, want_logits: bool = False, b
           share_context: bool | None = None, progress: str | None = None) -> Scores:
     """Per-request scores; under torch.distributed each rank runs its share and all get the totals.
     `progress`: a label for a progress bar on rank 0 (None: no bar)."""
-    # the bare model: no DDP forward, and no recompiles of a torch.compile'd one for every new
-    # length (FSDP2 shards in place, so its all-gathers still run)
-    model = unwrap(model)
+    # `model` is the bare model (the trainer's raw module, not its DDP / compiled wrapper): no DDP
+    # forward, and no recompiles for every new length (FSDP2 shards in place: its all-gathers run)
     block_size = model.config.block_size
     n = sum(len(rows) for rows in encoded)
     jobs = plan(encoded, block_size, batch_tokens, share_context)

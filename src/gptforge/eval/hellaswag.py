@@ -26,7 +26,6 @@ import torch
 
 from gptforge.errors import GPTForgeError
 from gptforge.eval.perplexity import token_losses
-from gptforge.loss import unwrap
 from gptforge.fsutil import atomic_path
 from gptforge.tokenizer import Tokenizer
 
@@ -166,7 +165,7 @@ def evaluate_hellaswag(model, path: str | Path, runtime, max_examples: int | Non
     # repeats whose results are not counted
     padding = (-(-len(examples) // world) - len(mine)) if world > 1 else 0
     tokenizer = tokenizer or Tokenizer()
-    block_size = unwrap(model).config.block_size
+    block_size = model.config.block_size
 
     bar = None
     if progress and rank == 0:

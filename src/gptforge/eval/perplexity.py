@@ -20,7 +20,7 @@ import math
 import torch
 
 from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, unwrap, use
+from gptforge.loss import HeadLoss
 
 IGNORE_INDEX = -1  # targets equal to this are not scored (the model's convention too)
 
@@ -48,9 +48,9 @@ def token_losses(model, x: torch.Tensor, y: torch.Tensor, runtime) -> torch.Tens
     The LM head and the loss go through the rows in chunks sized for the device (the fused head
     loss with reduction "none"): no (B, T, V) logits, nor their fp32 copy, ever exist, so memory
     does not grow with batch x seq_len x vocabulary."""
-    rows, block_rows = runtime.lm_head_chunks(unwrap(model).config.padded_vocab_size)
-    with use(model, HeadLoss("fused", rows, block_rows, reduction="none")), runtime.autocast():
-        _, losses = model(x, y)
+    rows, block_rows = runtime.lm_head_chunks(model.config.padded_vocab_size)
+    with runtime.autocast():
+        _, losses = model(x, y, head_loss=HeadLoss("fused", rows, block_rows, reduction="none"))
     return losses.view(y.shape)  # (B, T); 0 where ignored
 
 

@@ -23,7 +23,7 @@ from gptforge.data.prepare import ensure_default_corpus
 from gptforge.data.shards import data_tokenizer
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision
 from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, set_head_loss
+from gptforge.loss import HeadLoss
 from gptforge.measure import LMHeadChoice, choose_lm_head_loss
 from gptforge.tokenizer import Tokenizer
 from gptforge.training import checkpoint as ckpt
@@ -75,12 +75,14 @@ def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     #                                           order has its own seed, the same on every rank)
     model = model.to(rt.device)
     seq_len = weights.seq_len_for(cfg, model.config)
+    head_choice = choose_head_loss(cfg, model, rt, env, seq_len)  # before the micro-batch, whose trials run it
     # wrapped (and compiled: under FSDP2 block by block, before sharding) before the optimizer is
     # built: FSDP2 replaces the parameters by their shards
     train_model = distrib.wrap(model, env, rt.device, cfg.run.dist, compile=cfg.run.compile,
-                               activation_checkpointing=cfg.run.activation_checkpointing)
+                               activation_checkpointing=cfg.run.activation_checkpointing,
+                               head_loss=HeadLoss(head_choice.path, head_choice.rows, head_choice.block_rows,
+                                                  compiled=head_choice.compiled))
     optimizer, optim = make_optimizer_for(cfg, model, rt.device)
-    head_choice = use_head_loss(cfg, model, rt, env, seq_len)  # before the micro-batch, whose trials run it
     saved_micro = (ckpt.checkpoint_meta(resume_from)[1].get("resolved") or {}).get("micro_batch") if resume_from else None
     micro = fit.choose(cfg, model, train_model, optimizer, rt, env, seq_len, saved=saved_micro)
     cfg.resolved["micro_batch"] = micro.record()
@@ -119,7 +121,7 @@ def resolve_data_dir(cfg: TrainConfig, env: distrib.DistEnv) -> Path:
 def make_optimizer_for(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, OptimArgs]:
     """The optimizer over the (wrapped) model's parameters, and cfg.optim with its schedule resolved;
     `auto` by the model's own architecture (with model.init_from, the source's)."""
-    arch = getattr(model.config, "arch", "gpt2")
+    arch = model.config.recipe
     refusal = refuse_fsdp_muon(cfg, arch)
     if refusal:
         raise GPTForgeError(refusal)
@@ -127,15 +129,14 @@ def make_optimizer_for(cfg: TrainConfig, model: torch.nn.Module, device: torch.d
     return optimizer, replace(cfg.optim, schedule=schedule_name(cfg, arch))
 
 
-def use_head_loss(cfg: TrainConfig, model: torch.nn.Module, rt: Runtime, env: distrib.DistEnv, seq_len: int) -> LMHeadChoice:
-    """The LM-head loss path of this run, set on the model: the fused head + loss (chunked: no
+def choose_head_loss(cfg: TrainConfig, model: torch.nn.Module, rt: Runtime, env: distrib.DistEnv, seq_len: int) -> LMHeadChoice:
+    """The LM-head loss path of this run, which `distrib.wrap` gives the model: the fused head + loss (chunked: no
     (B, T, V) logits, see loss.LinearCrossEntropy) or the plain logits + cross_entropy, compiled or
     eager, with row chunks sized per device (the rule is measure.choose_lm_head_loss). With
     micro-batch auto the rows are the per-rank batch's."""
     sequences = cfg.optim.micro_batch_size or per_rank_sequences(cfg.optim.batch_tokens, seq_len, env.world_size)
     h = choose_lm_head_loss(cfg.run.lm_head_loss, rt.device, cfg.run.compile, sequences * seq_len,
                             model.config.padded_vocab_size, rt.precision, micro_auto=not cfg.optim.micro_batch_size)
-    set_head_loss(model, HeadLoss(h.path, h.rows, h.block_rows, compiled=h.compiled))
     return h
 
 

@@ -2,7 +2,7 @@
 
 RUN_DIR/checkpoints/step_NNNNNN/
     model.safetensors   weights (safetensors, tied head stored once)
-    config.json         {"model": GPTConfig or ModernConfig, "train": TrainConfig, "step": N, "tokenizer": {...}, ...}
+    config.json         {"model": GPTConfig, "train": TrainConfig, "step": N, "tokenizer": {...}, ...}
     gptforge-tokenizer.json   a trained tokenizer (none for GPT-2's)
     state.pt            optimizer, scaler, schedule, every RNG state, loader position; plain
                         tensors/containers only, so it loads with torch.load(weights_only=True)
@@ -37,9 +37,8 @@ from gptforge.checkpoint import (
 )
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import TMP_PREFIX, atomic_dir, remove_stale_tmp
+from gptforge.model import GPT, GPTConfig
 from gptforge.training import rundir
-from gptforge import arch
-from gptforge.arch import Config, Model
 
 STATE = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -190,7 +189,7 @@ def _set_aside_if_damaged(path: Path) -> bool:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: Model,
+    model: GPT,
     model_state: dict[str, torch.Tensor],
     train_state: dict,
     train_config: dict,
@@ -329,18 +328,18 @@ def check_state_structure(state, path: Path) -> None:
         raise GPTForgeError(f"{path}: entry 'optimizer' holds no list of param_groups")
 
 
-def load_checkpoint_model(ckpt: Path, model: Model) -> None:
+def load_checkpoint_model(ckpt: Path, model: GPT) -> None:
     """Load the weights of a checkpoint into an already-built model (shapes checked)."""
     state = load_state_checked(ckpt / WEIGHTS, model)
     model.load_state_dict(state, strict=False)
 
 
-def checkpoint_meta(ckpt: Path) -> tuple[Config, dict]:
+def checkpoint_meta(ckpt: Path) -> tuple[GPTConfig, dict]:
     meta = read_config(ckpt)
     train = meta.get("train")
     if not isinstance(train, dict):
         raise GPTForgeError(f"{ckpt / CONFIG}: field 'train' missing or not an object; not a training checkpoint")
-    return arch.config_from_dict(meta["model"]), train
+    return GPTConfig.from_dict(meta["model"]), train
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:

@@ -32,10 +32,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from gptforge.arch import tied
 from gptforge.checkpoint import TIED, model_state_for_saving
 from gptforge.errors import GPTForgeError
-from gptforge.loss import unwrap
+from gptforge.loss import HeadLoss
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str,
          activation_checkpointing: bool = False, compile: bool = False,
-         compile_backend: str = "inductor") -> torch.nn.Module:
+         compile_backend: str = "inductor", head_loss: HeadLoss | None = None) -> torch.nn.Module:
     """Every wrapping from outside the model, in torchtitan's order: activation checkpointing (if
     asked), compile (if asked), then DDP or FSDP2 (fully_shard on every block and then the root)
     for `mode == "fsdp"`. Returns the module the training step calls; `model` itself stays the
@@ -175,7 +174,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str,
     and the embeddings, to bf16). The cost: all-gathers of fp32 weights, twice a bf16 policy's bytes.
 
     Call before building the optimizer: FSDP2 replaces the parameters by sharded DTensors. Every
-    rank must hold the same initial weights (same seed): FSDP2 shards what each rank has."""
+    rank must hold the same initial weights (same seed): FSDP2 shards what each rank has.
+
+    head_loss: the model's LM-head loss for the device (measure.choose_lm_head_loss), given to the
+    raw model before any wrapping, so the wrapped forward runs it (DDP's reducer and FSDP2's hooks
+    see the head's matmul inside the forward they wrap)."""
+    if head_loss is not None:
+        model.head_loss = head_loss
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if not env.enabled or mode == "ddp":
@@ -279,7 +284,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(_resharded(model), options=_full_options(cpu_offload=True))
-    skip = TIED if tied(unwrap(model)) else None  # an untied head (modern) is saved
+    skip = TIED if model.tied else None  # an untied head (modern) is saved
     return {k: v.contiguous() for k, v in state.items() if k != skip}
 
 
@@ -291,7 +296,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = dict(state)
-    if TIED not in state and "transformer.wte.weight" in state and tied(unwrap(model)):
+    if TIED not in state and "transformer.wte.weight" in state and model.tied:
         state[TIED] = state["transformer.wte.weight"]
     set_model_state_dict(_resharded(model), state, options=_full_options())
 

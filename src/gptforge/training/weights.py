@@ -4,7 +4,7 @@ a training checkpoint; its optimizer and position are restored by the trainer), 
 
 `model.init_from` takes anything `GPT.from_pretrained` reads (hub name, local Hugging Face
 GPT-2 directory, gptforge checkpoint or run directory), so the model-file checks of
-`gptforge.hf` / `gptforge.checkpoint` apply to it as to every other reader. The architecture is
+`gptforge.interop` / `gptforge.checkpoint` apply to it as to every other reader. The architecture is
 the source's: a `model.*` key the user set (TOML file or command line) that contradicts it is an
 error; dropout, attention and pad_vocab are applied, and a smaller model.block_size crops the
 position embedding (nanoGPT's crop_block_size). Under torchrun every rank loads the same
@@ -17,19 +17,16 @@ from pathlib import Path
 
 from gptforge.config import TrainConfig
 from gptforge.errors import GPTForgeError
-from gptforge import arch
-from gptforge.arch import Config, Model
-from gptforge.config import MODERN_KEYS
-from gptforge.model import PRESETS
+from gptforge.model import GPT, PRESETS, SWITCHES, GPTConfig
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 
-# must agree with the source when the user set them (a GPT-2 source has arch "gpt2" and none of the modern keys)
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "arch", *MODERN_KEYS)
+# must agree with the source when the user set them
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", *SWITCHES)
 
 
 def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistEnv, tokenizer=None,
-                  data_where: str = "the data") -> tuple[Model, dict]:
+                  data_where: str = "the data") -> tuple[GPT, dict]:
     """The raw model (CPU, fp32) a run starts from, and a record of where its weights came from
     (saved in the run's config under `resolved.weights`). `tokenizer` is the data's: a random
     model's vocabulary is its vocabulary, and a checkpoint or init_from source trained with
@@ -53,42 +50,41 @@ def initial_model(cfg: TrainConfig, resume_from: Path | None, env: distrib.DistE
         from gptforge.checkpoint import WEIGHTS, check_weights_header
 
         if cfg.model.init_from:  # the architecture is the checkpoint's, not the (default) preset's
-            config = arch.replace(saved_model, attention=cfg.model.attention)
+            config = GPTConfig.from_dict({**saved_model.to_dict(), "attention": cfg.model.attention})
         else:
             config = cfg.model.gpt_config(vocab_size=vocab)
         # before allocating anything: the weights are what config.json says, and the run's model is theirs
         check_weights_header(resume_from / WEIGHTS, saved_model)
         if saved_model.to_dict() | {"attention": None} != config.to_dict() | {"attention": None}:
             raise GPTForgeError(f"{resume_from}: checkpoint architecture {saved_model} differs from the configured {config}")
-        return arch.build_model(config), record
+        return GPT(config), record
     if not cfg.model.init_from:
-        return arch.build_model(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
+        return GPT(cfg.model.gpt_config(vocab_size=vocab)), {"from": "random init", "seed": cfg.run.seed}
     return _init_from(cfg, env, tokenizer, data_where)
 
 
-def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: str) -> tuple[Model, dict]:
-    from gptforge import hf
+def _init_from(cfg: TrainConfig, env: distrib.DistEnv, tokenizer, data_where: str) -> tuple[GPT, dict]:
+    from gptforge.interop.load import open_source
 
     source = cfg.model.init_from
-    # rank 0 first: a hub name is downloaded once, then the other ranks find it in the cache
-    if env.is_main:
-        path = hf.locate(source)
+    # rank 0 first: a hub name is downloaded once, then the other ranks find it in the cache;
+    # each rank locates the source once and reads its config.json once
+    found = open_source(source) if env.is_main else None
     distrib.barrier(env)
-    if not env.is_main:
-        path = hf.locate(source)
+    found = found or open_source(source)
     from gptforge import tokenizer as tk
 
-    tk.check_match(hf.tokenizer_of(path).identity(), f"model.init_from {source}", tokenizer.identity(), data_where)
-    base = hf.source_config(path)
+    tk.check_match(found.tokenizer().identity(), f"model.init_from {source}", tokenizer.identity(), data_where)
+    base = found.config
     overrides = check_against_source(cfg, base, source, tokenizer.vocab_size)
-    model = hf.load_pretrained(str(path), **overrides)
-    record = {"from": "init_from", "source": source, "path": str(path), "model": model.config.to_dict()}
+    model = found.load(**overrides)
+    record = {"from": "init_from", "source": source, "path": str(found.path), "model": model.config.to_dict()}
     if model.config.block_size < base.block_size:
         record["cropped_block_size"] = [base.block_size, model.config.block_size]
     return model, record
 
 
-def check_against_source(cfg: TrainConfig, source_cfg: Config, source: str, vocab_size: int = 50257) -> dict:
+def check_against_source(cfg: TrainConfig, source_cfg: GPTConfig, source: str, vocab_size: int = 50257) -> dict:
     """The load overrides for `source`, after checking every user-set model.* key against its
     architecture (one error listing all contradictions)."""
     m, explicit = cfg.model, cfg.explicit
@@ -104,10 +100,12 @@ def check_against_source(cfg: TrainConfig, source_cfg: Config, source: str, voca
         if f"model.{key}" in explicit and value is not None:
             configured[key] = (f"model.{key}", value)
     problems = [
-        f"{name} is {value!r} but {source} has {key} {getattr(source_cfg, key, default_of(key))!r}"
+        f"{name} is {value!r} but {source} has {key} {getattr(source_cfg, key)!r}"
         for key, (name, value) in configured.items()
-        if value != getattr(source_cfg, key, default_of(key))
+        if value != getattr(source_cfg, key)
     ]
+    if "model.arch" in explicit and m.arch != source_cfg.recipe:
+        problems.append(f"model.arch is {m.arch!r} but {source} is a {source_cfg.recipe} model")
     overrides = {"dropout": m.dropout, "attention": m.attention, "pad_vocab": m.pad_vocab}
     if "model.block_size" in explicit and m.block_size is not None:
         if m.block_size > source_cfg.block_size:
@@ -122,12 +120,7 @@ def check_against_source(cfg: TrainConfig, source_cfg: Config, source: str, voca
     return overrides
 
 
-def default_of(key: str):
-    """What a GPT-2 config stands for in a key it lacks: arch "gpt2", none of the modern switches."""
-    return "gpt2" if key == "arch" else None
-
-
-def seq_len_for(cfg: TrainConfig, config: Config) -> int:
+def seq_len_for(cfg: TrainConfig, config: GPTConfig) -> int:
     """data.seq_len, or the model's block_size; never longer than the model's context."""
     if cfg.data.seq_len > config.block_size:
         where = f" (from model.init_from {cfg.model.init_from})" if cfg.model.init_from else ""

@@ -1,12 +1,11 @@
-"""The modern model as existing Hugging Face architectures: Qwen3 (`Qwen3ForCausalLM`), or Llama
-(`LlamaForCausalLM`) when QK-norm is off. Both compute what gptforge.modern computes with
-RMSNorm + RoPE (rotate-half, the same tables) + SwiGLU + no biases, so export and import are
-renames, with our fused projections split or joined: c_attn = [q; k; v], c_fc = [gate; up].
+"""Qwen3 (`Qwen3ForCausalLM`), or Llama (`LlamaForCausalLM`) without QK-norm: the adapter between
+their files and the model with the modern recipe's components. Both compute what gptforge's model
+computes with RMSNorm + RoPE (rotate-half, the same tables) + SwiGLU + no biases, so export and
+import are renames, with our fused projections split or joined: c_attn = [q; k; v], c_fc = [gate; up].
 
-A component no such architecture has (the logit softcap, ReLU^2 or GELU MLPs, LayerNorm, learned
-positions, biases) makes a checkpoint not exportable: `check_exportable` names the keys to
-change. Like gptforge.hf, `transformers` is never imported here: only the files are written.
-hf.py's `export_hf` / `load_pretrained` call these for a modern model or a Qwen3/Llama directory.
+A component neither has (the logit softcap, ReLU^2 or GELU MLPs, LayerNorm, learned positions,
+biases) makes a config not exportable: `problems` names the keys to change. The functions are
+those of every adapter (see gptforge.interop.gpt2).
 """
 
 from __future__ import annotations
@@ -15,14 +14,16 @@ import torch
 
 from gptforge.checkpoint import field_problems
 from gptforge.errors import GPTForgeError
-from gptforge.modern import NORM_EPS, Modern, ModernConfig
+from gptforge.model import GPT, RECIPES, GPTConfig
 
+NAME = "Qwen3/Llama"
+NORM_EPS = RECIPES["modern"]["norm_eps"]  # rms_norm_eps when config.json names none
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 LM_HEAD = "lm_head.weight"
 
 
-def check_exportable(c: ModernConfig) -> None:
-    """One error naming every key that keeps `c` from being a Qwen3 / Llama."""
+def problems(c: GPTConfig) -> list[str]:
+    """The keys (with the values to change them to) that keep `c` from being a Qwen3 / Llama."""
     wrong = []
     if c.softcap != 0:
         wrong.append(f"model.softcap={c.softcap:g} (to 0)")
@@ -34,18 +35,15 @@ def check_exportable(c: ModernConfig) -> None:
         wrong.append("model.rope=false (to true)")
     if c.bias:
         wrong.append("model.bias=true (to false)")
-    if wrong:
-        raise GPTForgeError("not exportable to Hugging Face (no Qwen3/Llama computes it): change "
-                            + ", ".join(wrong) + " and train (or fine-tune) with those")
+    return wrong
 
 
-def model_type(c: ModernConfig) -> str:
+def model_type(c: GPTConfig) -> str:
     return "qwen3" if c.qk_norm else "llama"
 
 
-def hf_config(c: ModernConfig, dtype: torch.dtype = torch.float32, eot_id: int = 50256) -> dict:
+def hf_config(c: GPTConfig, dtype: torch.dtype = torch.float32, eot_id: int = 50256) -> dict:
     """config.json of a Qwen3ForCausalLM (LlamaForCausalLM without QK-norm) with this architecture."""
-    check_exportable(c)
     kind = model_type(c)
     out = {
         "architectures": [MODEL_TYPES[kind]],
@@ -59,7 +57,7 @@ def hf_config(c: ModernConfig, dtype: torch.dtype = torch.float32, eot_id: int =
         "head_dim": c.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": c.block_size,
-        "rms_norm_eps": NORM_EPS,
+        "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
         "tie_word_embeddings": c.tie_embeddings,
@@ -78,6 +76,12 @@ def hf_config(c: ModernConfig, dtype: torch.dtype = torch.float32, eot_id: int =
     return out
 
 
+def weights_out(model: GPT, eot_id: int = 50256) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF state dict, HF config.json) of a model Qwen3 / Llama computes (problems(config) == [])."""
+    state = hf_state_dict(model)
+    return state, hf_config(model.config, state["model.embed_tokens.weight"].dtype, eot_id)
+
+
 def _names(i: int) -> dict[str, str]:
     """Our per-block names -> HF's (the fused c_attn / c_fc are split apart elsewhere)."""
     return {
@@ -90,10 +94,9 @@ def _names(i: int) -> dict[str, str]:
     }
 
 
-def hf_state_dict(model: Modern) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under Qwen3's / Llama's names, the vocabulary unpadded, a tied head stored once."""
     c = model.config
-    check_exportable(c)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": ours["transformer.wte.weight"][: c.vocab_size],
            "model.norm.weight": ours["transformer.ln_f.weight"]}
@@ -111,12 +114,12 @@ def hf_state_dict(model: Modern) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def is_modern_hf(meta: dict) -> bool:
-    return meta.get("model_type") in MODEL_TYPES
+def recognise(hf: dict) -> bool:
+    return hf.get("model_type") in MODEL_TYPES
 
 
-def config_from_hf(hf: dict, where: str) -> ModernConfig:
-    """The ModernConfig of a Qwen3 / Llama config.json; variants the modern model lacks are refused."""
+def config_from_hf(hf: dict, where: str) -> GPTConfig:
+    """The GPTConfig (modern recipe) of a Qwen3 / Llama config.json; variants it lacks are refused."""
     kind = hf.get("model_type")
     problems = field_problems(hf, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                                    "intermediate_size", "max_position_embeddings"), ("rms_norm_eps", "rope_theta"))
@@ -135,8 +138,9 @@ def config_from_hf(hf: dict, where: str) -> ModernConfig:
         problems.append(f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU uses silu)")
-    if abs(float(hf.get("rms_norm_eps", NORM_EPS)) - NORM_EPS) > 1e-12:
-        problems.append(f"rms_norm_eps {hf['rms_norm_eps']} (gptforge uses {NORM_EPS})")
+    eps = hf.get("rms_norm_eps", NORM_EPS)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        problems.append(f"rms_norm_eps {eps!r} (expected a positive number)")
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         problems.append(f"rope scaling {rope.get('rope_type') or hf.get('rope_scaling')!r} (plain RoPE only)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -145,19 +149,19 @@ def config_from_hf(hf: dict, where: str) -> ModernConfig:
         problems.append("sliding-window attention")
     if problems:
         raise GPTForgeError(f"{where}: not a {kind} the modern model computes: " + "; ".join(problems))
-    config = ModernConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                          n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C, rope_base=theta,
-                          qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                          softcap=0.0).validate()
+    config = GPTConfig(**{**RECIPES["modern"], **dict(
+        block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=H, n_embd=C, rope_base=theta, norm_eps=float(eps), qk_norm=kind == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))}).validate()
     if config.mlp_hidden != hf["intermediate_size"]:
         raise GPTForgeError(f"{where}: intermediate_size {hf['intermediate_size']}, but gptforge's SwiGLU at "
                             f"hidden_size {C} has {config.mlp_hidden} (8/3 * C rounded to 64)")
     return config
 
 
-def hf_to_native(state: dict[str, torch.Tensor], config: ModernConfig, where: str) -> dict[str, torch.Tensor]:
+def weights_in(state: dict[str, torch.Tensor], config: GPTConfig, where: str) -> dict[str, torch.Tensor]:
     """Qwen3 / Llama tensors -> ours (q, k, v and gate, up joined); every name and shape is
-    checked afterwards against the model (checkpoint.check_state_matches, in hf._build)."""
+    checked afterwards against the model (checkpoint.check_state_matches, in interop.load)."""
     state = {k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
     used = set()
