@@ -12,7 +12,7 @@ torch.compile compiles) are excluded and the compile time is reported apart. A r
 nothing on the device (TF32 on a CPU, bf16 on a GPU without it, compile without a compiler) is
 reported as n/a with the reason, and later rungs build on the last rung that ran.
 
-MFU has the trainer's two definitions (see the README): `mfu` against the peak of the rung's own
+MFU has the trainer's two definitions (docs/performance.md): `mfu` against the peak of the rung's own
 precision, `mfu_best` against the device's best peak over its dtypes. The peaks are the GPU table,
 else on a CPU the cached matmul probe that `precision auto` also decides by (both rates shown).
 """

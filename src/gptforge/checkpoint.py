@@ -205,12 +205,10 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
     verify_files(path.parent, (CONFIG, WEIGHTS))
     try:
-        meta = json.loads(path.read_text())
+        meta = fsutil.read_json(path)
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found; a gptforge checkpoint directory holds {WEIGHTS} and {CONFIG}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPTForgeError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    if not isinstance(meta.get("model"), dict):
         raise GPTForgeError(f"{path}: missing the 'model' section (a GPTConfig)")
     model_config(meta, path)
     return meta

@@ -12,12 +12,12 @@ import sys
 COMMANDS = {
     "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on your corpus"),
     "prepare": ("prepare", "tokenize text into token shards (GPT-2's BPE or a trained one)"),
-    "train": ("train", "train a GPT (no arguments: the tiny model on the embedded corpus)"),
+    "train": ("train", "train a GPT (no arguments: the default model on the embedded corpus, then a sample)"),
     "sample": ("sample", "generate text from a checkpoint"),
     "eval": ("evaluate", "validation loss / perplexity, HellaSwag, downstream tasks (--tasks)"),
     "bench": ("bench", "the precision / attention / compile speed ladder"),
     "plot": ("plot", "loss and perplexity curves of one or more runs"),
-    "export": ("export", "write a checkpoint as a Hugging Face GPT-2 directory"),
+    "export": ("export", "write a checkpoint as a Hugging Face directory (GPT-2, or Qwen3 / Llama)"),
     "import-hf": ("import_hf", "read a Hugging Face GPT-2 into a gptforge checkpoint"),
 }
 

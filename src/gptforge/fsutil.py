@@ -168,6 +168,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, dumps_json(obj))
 
 
+def loads_object(text: str | bytes, where: str, expected: str = "a JSON object", hint: str = "") -> dict:
+    """One JSON object from `text` (a line of a .jsonl file, say); not JSON, or JSON of another
+    kind, is one GPTForgeError naming `where` and what was `expected` (`hint` follows a parse error)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GPTForgeError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}") from e
+    if not isinstance(obj, dict):
+        raise GPTForgeError(f"{where}: expected {expected}, got {type(obj).__name__}")
+    return obj
+
+
 def read_json(path: str | os.PathLike, error: type[GPTForgeError] = GPTForgeError, hint: str = "") -> dict:
     """A JSON object from `path`; anything else (missing, unreadable, not JSON, not an object) is one
     `error` naming the file (FileNotFoundError passes through: callers say what a missing file means)."""

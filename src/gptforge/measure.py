@@ -298,7 +298,7 @@ def choose_lm_head_loss(choice: str, device: torch.device, compiled: bool, rows:
     - CPU (and MPS): fused, faster there (gptforge bench, rung fused_loss: the plain path's fp32
       copies of the logits are as costly as the head's matmuls); compiled per chunk under
       run.compile on a CPU (measured no slower than the eager in-place blocks, and faster:
-      benchmarks/bench_lm_head.py, README), eager otherwise and on MPS.
+      benchmarks/bench_lm_head.py, docs/gpu.md), eager otherwise and on MPS.
     - CUDA with compile: what the fast anchors run (nanoGPT, build-nanogpt: logits and a compiled
       cross-entropy, 64 x 1024 tokens on an 80 GB GPU) whenever its logits fit 1/4 of the GPU's
       memory (for micro-batch auto: those of a 16k-token micro-batch, or of the whole per-rank

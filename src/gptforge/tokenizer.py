@@ -146,7 +146,7 @@ PATTERNS = {
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
     "nanochat": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
 }
-DEFAULT_PATTERN = "gpt2"  # the best compression of the embedded corpus (benchmarks/sweep_tokenizer.py; README)
+DEFAULT_PATTERN = "gpt2"  # the best compression of the embedded corpus (benchmarks/sweep_tokenizer.py; docs/tokenizers.md)
 TOKENIZER_FILE = "gptforge-tokenizer.json"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FORMAT = "gptforge-bpe"

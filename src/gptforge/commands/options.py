@@ -50,3 +50,18 @@ def add_shared(parser: argparse.ArgumentParser, name: str, help: str | None = No
 
 def usage_note() -> str:
     return ("shared options, in either spelling: " + ", ".join(f"--{k} = --{v}" for k, v in SHARED.items()))
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer, `_` allowed between digits (100_000_000)."""
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """How sources are read, as `prepare` and `tokenizer train` both take it."""
+    p.add_argument("--text-field", default="text", metavar="F", help="field of .jsonl / .parquet / hf records holding the text (default: text)")
+    p.add_argument("--split", default="train", metavar="S", help="split of hf: datasets to read (default: train)")
+    p.add_argument("--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error (default: skipped)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from gptforge.commands.options import add_source_options, count
 from gptforge.errors import GPTForgeError
 
 EPILOG = """\
@@ -23,14 +24,6 @@ byte-identical to an uninterrupted run. The validation split is the first whole 
 """
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gptforge prepare",
@@ -41,15 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="files, directories, hf:NAME[:CONFIG] or python-stdlib")
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", default="gpt2", metavar="T", help="gpt2 (default) | DIR | train:N (see below)")
-    p.add_argument("--tokenizer-max-chars", type=_count, default=None, metavar="N",
+    p.add_argument("--tokenizer-max-chars", type=count, default=None, metavar="N",
                    help="train:N: characters to learn from, spread over the corpus (default 2_000_000_000)")
     p.add_argument("--tokenizer-pattern", default=None, metavar="P", help="train:N: pre-tokenizer regex gpt2 | gpt4 | nanochat")
-    p.add_argument("--workers", type=_count, default=None, metavar="N", help="tokenizer processes (default: all cores)")
-    p.add_argument("--shard-tokens", type=_count, default=None, metavar="N", help="tokens per shard (default 100_000_000)")
-    p.add_argument("--val-tokens", type=_count, default=None, metavar="N", help="validation tokens (default: 0.5%% of all, at most 10M)")
-    p.add_argument("--text-field", default="text", metavar="F", help="field of .jsonl / .parquet / hf records holding the text (default: text)")
-    p.add_argument("--split", default="train", metavar="S", help="split of hf: datasets to read (default: train)")
-    p.add_argument("--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error (default: skipped)")
+    p.add_argument("--workers", type=count, default=None, metavar="N", help="tokenizer processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=count, default=None, metavar="N", help="tokens per shard (default 100_000_000)")
+    p.add_argument("--val-tokens", type=count, default=None, metavar="N", help="validation tokens (default: 0.5%% of all, at most 10M)")
+    add_source_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds, even if prepared otherwise")
     p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest (sha256, ids) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

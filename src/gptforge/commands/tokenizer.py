@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from gptforge.commands.options import add_source_options, count
 from gptforge.errors import GPTForgeError
 
 EPILOG = """\
@@ -21,13 +22,6 @@ SHA256SUMS; it is written atomically. Then:
 """
 
 
-def _count(text: str) -> int:
-    try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from gptforge.data.tokenizer_sample import DEFAULT_MAX_CHARS
     from gptforge.tokenizer import DEFAULT_PATTERN, PATTERNS
@@ -38,16 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a byte-level BPE", description=__doc__.splitlines()[0], epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories, hf:NAME[:CONFIG] or python-stdlib")
-    t.add_argument("--vocab-size", type=_count, required=True, metavar="N",
+    t.add_argument("--vocab-size", type=count, required=True, metavar="N",
                    help="ids in all: 256 bytes + merges + <|endoftext|> (at least 257)")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)")
-    t.add_argument("--max-chars", type=_count, default=DEFAULT_MAX_CHARS, metavar="N",
+    t.add_argument("--max-chars", type=count, default=DEFAULT_MAX_CHARS, metavar="N",
                    help=f"characters to learn from, spread over the corpus (default {DEFAULT_MAX_CHARS:_})")
     t.add_argument("--pattern", choices=list(PATTERNS), default=DEFAULT_PATTERN,
                    help=f"pre-tokenizer regex (default {DEFAULT_PATTERN}: see benchmarks/sweep_tokenizer.py)")
-    t.add_argument("--text-field", default="text", metavar="F", help="field of .jsonl / .parquet / hf records (default: text)")
-    t.add_argument("--split", default="train", metavar="S", help="split of hf: datasets (default: train)")
-    t.add_argument("--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error (default: skipped)")
+    add_source_options(t)
     t.add_argument("--overwrite", action="store_true", help="replace DIR if it holds a tokenizer")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -15,7 +15,7 @@ from gptforge.training.trainer import train
 
 USAGE = """usage: gptforge train [--config FILE|NAME] [--resume DIR|auto] [--section.key VALUE ...]
 
-Train a GPT. With no arguments: the `tiny` model on the embedded python-stdlib corpus
+Train a GPT. With no arguments: the default model (configs/default.toml) on the embedded python-stdlib corpus
 (prepared on first use), on the CPU or GPU, then a sample. Defaults -> --config TOML ->
 overrides, in that order. --resume auto continues from the newest complete checkpoint in
 run.dir (and starts fresh if there is none); --resume DIR takes a checkpoint or run directory.

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from gptforge.errors import GPTForgeError
+from gptforge.fsutil import loads_object
 
 STDLIB = "python-stdlib"
 HF_PREFIX = "hf:"
@@ -379,12 +380,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str | None]:
                 if not line.strip():
                     continue
                 where = f"{path} line {lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GPTForgeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-                if not isinstance(record, dict):
-                    raise GPTForgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                record = loads_object(line, where)
                 if text_field not in record:
                     keys = ", ".join(map(str, list(record)[:10])) or "none"
                     raise GPTForgeError(f"{where}: no field {text_field!r} (fields: {keys}); choose one with --text-field")

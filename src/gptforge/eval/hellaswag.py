@@ -14,7 +14,6 @@ are ignored). The validation split has 10,042 examples.
 
 from __future__ import annotations
 
-import json
 import shutil
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ import torch
 
 from gptforge.errors import GPTForgeError
 from gptforge.eval.perplexity import token_losses
-from gptforge.fsutil import atomic_path
+from gptforge.fsutil import atomic_path, loads_object
 from gptforge.tokenizer import Tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -49,12 +48,7 @@ class Example:
 
 
 def _parse_example(line: str, where: str) -> Example:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GPTForgeError(f"{where}: not valid JSON ({e.msg}); expected one HellaSwag example per line") from e
-    if not isinstance(obj, dict):
-        raise GPTForgeError(f"{where}: expected a JSON object with ctx, endings and label, got {type(obj).__name__}")
+    obj = loads_object(line, where, "a JSON object with ctx, endings and label", "; expected one HellaSwag example per line")
     missing = [k for k in ("ctx", "endings", "label") if k not in obj]
     if missing:
         hint = " (the HellaSwag test split is unlabeled: use hellaswag_val.jsonl)" if missing == ["label"] else ""

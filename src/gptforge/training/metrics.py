@@ -54,7 +54,7 @@ class Peaks:
         return flops_per_s / self.peak, flops_per_s / self.best
 
     def line(self) -> str:
-        """The two MFU denominators, as the banner states them (see the README's definitions)."""
+        """The two MFU denominators, as the banner states them (docs/performance.md)."""
         return (f"MFU peak {self.rt.precision} {self.peak / 1e12:.3f} TFLOP/s; device best "
                 f"{self.best_dtype} {self.best / 1e12:.3f} TFLOP/s (mfu_best)")
 
