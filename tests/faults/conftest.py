@@ -104,3 +104,24 @@ def fault_seed() -> int:
     seed = int(os.environ.get("GPTFORGE_FAULT_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"\nfault-injection seed: {seed} (set GPTFORGE_FAULT_SEED={seed} to replay)")
     return seed
+
+
+class Result:
+    """What an in-process `gptforge` call returned."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def gf(capsys):
+    """gptforge.cli.main in-process: returns an object with returncode / stdout / stderr."""
+    from gptforge import cli
+
+    def call(*args: str) -> Result:
+        capsys.readouterr()
+        rc = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return Result(rc, out, err)
+
+    return call

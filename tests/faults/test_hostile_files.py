@@ -25,24 +25,6 @@ from gptforge.training.trainer import train
 from .conftest import NANO, assert_one_line_error, flags, run_cli, tree_digest
 
 
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def gf(capsys):
-    """gptforge.cli.main in-process: returns an object with returncode / stdout / stderr."""
-
-    def call(*args: str) -> Result:
-        capsys.readouterr()
-        rc = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shards_dir) -> Path:
     """A nano run of 3 steps with checkpoints step_000001..3 (made once, copied by each test)."""

@@ -23,22 +23,6 @@ from gptforge.training.trainer import train
 from .conftest import NANO, assert_one_line_error, cli_env, flags, tree_digest
 
 
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def gf(capsys):
-    def call(*args: str) -> Result:
-        capsys.readouterr()
-        rc = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shards_dir) -> Path:
     run = tmp_path_factory.mktemp("hostile_inputs") / "run"

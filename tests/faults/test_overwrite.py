@@ -9,27 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gptforge import cli
 from gptforge import config as C
 from gptforge.training.trainer import train
 
 from .conftest import NANO, assert_one_line_error, tree_digest
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def gf(capsys):
-    def call(*args: str) -> Result:
-        capsys.readouterr()
-        rc = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
 
 
 @pytest.fixture(scope="module")

@@ -19,28 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from gptforge import cli
 from gptforge import config as C
 from gptforge.checkpoint import write_sums
 from gptforge.training.trainer import train
 
 from .conftest import NANO, assert_one_line_error, cli_env, flags, metrics_rows, run_cli, tree_digest
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def gf(capsys):
-    def call(*args: str) -> Result:
-        capsys.readouterr()
-        rc = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
 
 
 def nano_train(run: Path, data: Path, steps: int = 3) -> None:
