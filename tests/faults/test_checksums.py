@@ -25,7 +25,7 @@ from gptforge.errors import GPTForgeError
 from gptforge.model import GPT, GPTConfig
 
 from .conftest import assert_one_line_error, flags, losses_by_step, run_cli, tree_digest
-from .test_hostile_files import data, gf, header_len, latest, poke, run, trained_run  # noqa: F401 (fixtures)
+from .test_hostile_files import data, header_len, latest, poke, run, trained_run  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)
