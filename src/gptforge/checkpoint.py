@@ -20,6 +20,7 @@ recorded) is GPT-2's when its vocabulary is 50257.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,7 +42,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED = "lm_head.weight"  # when tied (GPT-2; modern with tie_embeddings): wte's storage, not stored twice
 SUMS = "SHA256SUMS"  # `cd DIR && sha256sum -c SHA256SUMS` checks a checkpoint without gptforge
-_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
 
 
 class ChecksumError(GPTForgeError):
@@ -220,8 +220,6 @@ _JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (st
 def model_config(meta: dict, path: Path) -> GPTConfig:
     """The architecture of a config.json's `model` section; a field of the wrong type or an
     impossible value is one line naming the file and the field."""
-    import dataclasses
-
     section = meta["model"]
     for f in dataclasses.fields(GPTConfig):
         if f.name not in section:
