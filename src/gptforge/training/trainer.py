@@ -23,7 +23,8 @@ import torch
 
 from gptforge import __version__
 from gptforge.checkpoint import WEIGHTS, load_state_checked
-from gptforge.config import TrainConfig
+from gptforge.data.shards import data_tokenizer
+from gptforge.config import TrainConfig, dials
 from gptforge.device import synchronize
 from gptforge.errors import GPTForgeError
 from gptforge.eval.downstream import evaluate_loop_tasks
@@ -32,7 +33,7 @@ from gptforge.eval.perplexity import evaluate_loss
 from gptforge.sampling import generate
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
-from gptforge.training.build import build, wait_for_shards
+from gptforge.training.build import build, saved_dials, wait_for_shards
 from gptforge.training.metrics import Peaks, Reporter, device_name
 from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
@@ -45,7 +46,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
     val_loss: float | None = None
     last_checkpoint: Path | None = None
-    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit
+    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit | dry run
     sample: str = ""
 
 
@@ -408,6 +409,8 @@ class Trainer:
             f"LM-head loss {self.head_choice.describe()}",
             describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}",
         ]
+        kept = " (kept from the run's start)" if self.resume_from else ""
+        lines += [f"dial {line}{kept}" for line in c.resolved.get(dials.RECORD, {}).get("lines", [])]
         return "\n".join(lines)
 
     def weights_line(self) -> str:
@@ -434,6 +437,9 @@ class Trainer:
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
     from gptforge.training import preflight, rundir
 
+    if cfg.run.dry_run:
+        print(dry_run(cfg, resume), flush=True)
+        return TrainResult(stopped="dry run")
     ready = preflight.check(cfg)  # what the loop needs later, found before step 0
     with rundir.owned(cfg, resume):  # the run dir is this run's, and locked, until the run ends
         trainer = Trainer(cfg, resume=resume, progress=progress)
@@ -445,3 +451,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             raise
     distrib.shutdown(trainer.env)
     return result
+
+
+def dry_run(cfg: TrainConfig, resume: str | None = None) -> str:
+    """run.dry_run: the model and every derived value, from the config alone (the vocabulary from
+    data.tokenizer, or data.dir's manifest): no data prepared, no weights, nothing written."""
+    tok = cfg.data.tokenizer
+    vocab = data_tokenizer(cfg.data.dir).vocab_size if cfg.data.dir else 50257 if tok == "gpt2" else int(tok[len("train:"):])
+    resume_from = ckpt.resolve_resume(resume, Path(cfg.run.dir)) if resume else None
+    return dials.preview(cfg, vocab, distrib.DistEnv.from_env().world_size, saved=saved_dials(resume_from))
