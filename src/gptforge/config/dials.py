@@ -180,7 +180,7 @@ def preview(cfg: TrainConfig, vocab_size: int, world_size: int = 1, saved: dict 
            f"model: {model.num_params() / 1e6:.2f}M parameters ({scaling_params(model) / 1e6:.2f}M without the lookups), {config}",
            *(f"dial {line}" for line in lines),
            f"run: {cfg.run.max_steps} steps x {cfg.optim.batch_tokens} tokens = {tokens:,} tokens "
-           f"({tokens / scaling_params(model):.2f} per param), {per_token / 1e6:.2f}M FLOPs per token, "
+           f"({tokens / scaling_params(model):.3g} per param), {per_token / 1e6:.2f}M FLOPs per token, "
            f"{tokens * per_token:.3g} FLOPs",
            f"optim: lr {cfg.optim.lr:.4g} | embed_lr {cfg.optim.embed_lr:.4g} | head_lr {cfg.optim.head_lr:.4g} | "
            f"muon_lr {cfg.optim.muon_lr:.4g} | weight_decay {cfg.optim.weight_decay:.4g} | "
