@@ -115,7 +115,7 @@ def test_dry_run_prints_the_derived_values_and_writes_nothing(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, no cache, no runs/
 
 
-def test_resume_keeps_the_horizon(tmp_path, shards_dir, monkeypatch):
+def test_resume_keeps_the_horizon(tmp_path, shards_dir, monkeypatch, capsys):
     run = tmp_path / "run"
     over = {"model.preset": "nano", "model.arch": "gpt2", "model.depth": "1", "model.head_dim": "32",
             "data.dir": str(shards_dir), "data.seq_len": "32", "data.prefetch": "0", "optim.batch_tokens": "256",
@@ -126,6 +126,8 @@ def test_resume_keeps_the_horizon(tmp_path, shards_dir, monkeypatch):
     first = train(cfg, progress=False)
     steps = cfg.run.max_steps
     assert first.step == steps == 4
+    banner = capsys.readouterr().out
+    assert "dial n_embd 64 = depth 1 x aspect_ratio 64" in banner and "dial max_steps 4 = tokens_per_param 0.0003" in banner
     saved = json.loads((run / "config.json").read_text())
     assert saved["resolved"]["dials"]["values"]["run.max_steps"] == steps
     # resumed with a model that would derive another horizon: the run's own is kept

@@ -438,7 +438,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     from gptforge.training import preflight, rundir
 
     if cfg.run.dry_run:
-        print(dry_run(cfg, resume), flush=True)
+        text = dry_run(cfg, resume)
+        if distrib.DistEnv.from_env().is_main:  # under torchrun, rank 0 speaks
+            print(text, flush=True)
         return TrainResult(stopped="dry run")
     ready = preflight.check(cfg)  # what the loop needs later, found before step 0
     with rundir.owned(cfg, resume):  # the run dir is this run's, and locked, until the run ends
