@@ -14,6 +14,7 @@ from gptforge.config import dials
 from gptforge.errors import GPTForgeError
 from gptforge.model import PRESETS
 from gptforge.training import checkpoint as ckpt
+from gptforge.training.build import saved_dials
 from gptforge.training.trainer import train
 
 VOCAB = 4096  # the default run's tokenizer (data.tokenizer train:4096)
@@ -136,6 +137,10 @@ def test_resume_keeps_the_horizon(tmp_path, shards_dir, monkeypatch, capsys):
     step2 = run / "checkpoints" / "step_000002"
     again, _ = train_cmd.build_config(["--resume", str(step2)])  # the command line's resume: no conflict, same horizon
     assert again.run.max_steps == steps and again.run.tokens_per_param == 0.0003
+    capsys.readouterr()
     fresh = C.resolve(None, list(over.items()))  # a fresh config: the horizon comes back from the checkpoint
     assert train(fresh, resume=str(step2), progress=False).step == steps == fresh.run.max_steps
+    assert "dial max_steps 4 = tokens_per_param 0.0003" in capsys.readouterr().out
+    longer, _ = train_cmd.build_config(["--resume", str(step2), "--run.tokens_per_param", "0", "--run.max_steps", "9"])
+    assert "max_steps 9 (set)" in dials.derive(longer, 50257, saved=saved_dials(step2)) and longer.run.max_steps == 9
     assert ckpt.checkpoint_meta(ckpt.latest_checkpoint(run))[1]["resolved"]["dials"]["values"]["run.max_steps"] == steps

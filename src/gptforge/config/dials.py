@@ -86,11 +86,14 @@ def derive(cfg: TrainConfig, vocab_size: int, world_size: int = 1, saved: dict |
     horizon, batch and rates. A cfg already derived keeps its own record likewise."""
     saved = saved if saved is not None else cfg.resolved.get(RECORD)
     if saved:
-        kept = {k: v for k, v in saved.get("values", {}).items() if k not in cfg.explicit}
-        for key, value in kept.items():
-            _set(cfg, key, value)
+        values = saved.get("values", {})
+        for key, value in values.items():
+            if key not in cfg.explicit:
+                _set(cfg, key, value)
         cfg.resolved[RECORD] = saved
-        return [*saved.get("lines", []), f"dials: {len(kept)} derived values kept from the run's start"]
+        given = {k.partition(".")[2]: k for k in values if k in cfg.explicit}  # set again on resume: theirs
+        return [f"{line.split()[0]} {_get(cfg, given[line.split()[0]])} (set)" if line.split()[0] in given
+                else f"{line} (kept from the run's start)" for line in saved.get("lines", [])]
     if not active(cfg):
         return []
     m, o, r = cfg.model, cfg.optim, cfg.run

@@ -54,6 +54,7 @@ class Parts:
     val_loader: ShardLoader
     scaler: torch.amp.GradScaler
     shard_check: verify.ShardCheck  # running in the background: wait_for_shards before the first step
+    dial_lines: list[str]  # the banner's account of the derived values (config.dials)
 
 
 def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Parts:
@@ -69,7 +70,7 @@ def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                                progress=progress and env.is_main)  # hashes while the model is built
     tokenizer = data_tokenizer(data_dir)
     cfg.resolved["tokenizer"] = tokenizer.identity()
-    dials.derive(cfg, tokenizer.vocab_size, env.world_size, saved=saved_dials(resume_from))  # before anything sized by them
+    dial_lines = dials.derive(cfg, tokenizer.vocab_size, env.world_size, saved=saved_dials(resume_from))  # before anything they size
     model, cfg.resolved["weights"] = weights.initial_model(cfg, resume_from, env, tokenizer, f"data {data_dir}")
     refuse_cpu_fallback(cfg.run.device, rt.device, model.num_params(non_embedding=True))
     seed_everything(cfg.run.seed + env.rank)  # then ranks apart: each its own dropout masks (the data
@@ -91,7 +92,7 @@ def build(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     loader, val_loader = make_loaders(cfg, data_dir, env, rt, micro.size, seq_len, model.config.vocab_size)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
     return Parts(env, rt, run_dir, resume_from, tokenizer, model, train_model, seq_len, optimizer, optim,
-                 head_choice, micro, plan, loader, val_loader, scaler, shard_check)
+                 head_choice, micro, plan, loader, val_loader, scaler, shard_check, dial_lines)
 
 
 def saved_dials(resume_from: Path | None) -> dict | None:

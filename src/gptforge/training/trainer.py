@@ -104,6 +104,7 @@ class Trainer:
         self.tokenizer, self.model, self.train_model, self.seq_len = b.tokenizer, b.model, b.train_model, b.seq_len
         self.optimizer, self.optim, self.scaler, self.head_choice = b.optimizer, b.optim, b.scaler, b.head_choice
         self.micro, self.plan, self.loader, self.val_loader = b.micro, b.plan, b.loader, b.val_loader
+        self.dial_lines = b.dial_lines
         o = cfg.optim
         self.guard = SpikeGuard(o.spike_k, o.spike_window, o.spike_max_skips) if o.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
@@ -409,8 +410,7 @@ class Trainer:
             f"LM-head loss {self.head_choice.describe()}",
             describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}",
         ]
-        kept = " (kept from the run's start)" if self.resume_from else ""
-        lines += [f"dial {line}{kept}" for line in c.resolved.get(dials.RECORD, {}).get("lines", [])]
+        lines += [f"dial {line}" for line in self.dial_lines]
         return "\n".join(lines)
 
     def weights_line(self) -> str:
