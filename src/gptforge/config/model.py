@@ -35,7 +35,8 @@ class _ModelKeys:
     def gpt_config(self, vocab_size: int = 50257) -> GPTConfig:
         """The architecture these keys describe: the preset's size (or model.depth's shape), model.arch's
         switches, the overrides."""
-        sizes = shape(self.depth, self.aspect_ratio, self.head_dim) if self.depth > 0 and self.aspect_ratio > 0 and self.head_dim > 0 else {}
+        dial = self.depth > 0 and self.aspect_ratio > 0 and self.head_dim > 0  # else validation names the bad key
+        sizes = shape(self.depth, self.aspect_ratio, self.head_dim) if dial else {}
         sizes |= {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
         switches = {k: getattr(self, k) for k in SWITCHES if getattr(self, k) is not None}
         return preset(self.preset, self.arch, vocab_size=vocab_size, dropout=self.dropout, attention=self.attention,
