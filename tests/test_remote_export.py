@@ -62,6 +62,7 @@ for d in dirs:
         ids = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     res[d] = dict(logits=logits, ids=ids[0, len(prompt):].tolist(), cls=type(hf).__name__,
                   tok=transformers.AutoTokenizer.from_pretrained(d).encode("def f():"))
+    hf.save_pretrained(d + "-resaved")  # what a user who fine-tunes it in transformers writes
 assert not any(m == "gptforge" or m.startswith("gptforge.") for m in sys.modules), "gptforge was imported"
 torch.save(res, out)
 """
@@ -129,6 +130,15 @@ def test_gptforge_reads_the_export_back(exported, case):
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     assert back.tied == model.tied
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gptforge_reads_what_transformers_saved_again(exported, case):
+    model, out, _ = exported[case]
+    back = load_pretrained(f"{out}-resaved")
+    assert back.config == model.config
+    with torch.no_grad():
+        assert torch.equal(back(tokens())[0], model(tokens())[0])
 
 
 def test_import_hf_and_export_again_cli(exported, tmp_path):
