@@ -12,7 +12,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptforge export", description=__doc__.splitlines()[0])
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir (newest checkpoint) or Hugging Face GPT-2 / Qwen3 / Llama dir")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir (newest checkpoint) or Hugging Face GPT-2 / Qwen3 / Llama / gptforge-export dir")
     p.add_argument("--to-hf", metavar="OUT", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
