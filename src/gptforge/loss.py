@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gptforge.errors import GPTForgeError
+from .errors import GPTForgeError  # relative: loss.py travels with model.py (gptforge.interop.remote)
 
 PATHS = ("plain", "fused")
 COMPILE_BACKEND = "inductor"  # of the compiled loss functions (tests use "aot_eager": the same graphs, no codegen)

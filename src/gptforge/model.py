@@ -27,8 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.errors import GPTForgeError
-from gptforge.loss import HeadLoss, softcap_logits
+# Relative imports of sibling files, only torch besides: this file, errors.py and loss.py are the
+# modeling code of a `trust_remote_code` export (gptforge.interop.remote), loaded without gptforge.
+from .errors import GPTForgeError
+from .loss import HeadLoss, softcap_logits
 
 PAD_MULTIPLE = 128  # 50257 -> 50304: a vocabulary that tiles into fast matmuls
 NORMS = ("rmsnorm", "layernorm")
@@ -445,6 +447,6 @@ class GPT(nn.Module):
         """Load from a gptforge checkpoint or run directory, a Hugging Face GPT-2 / Qwen3 / Llama
         directory or a hub name: a shim of `gptforge.load_pretrained` (gptforge.interop), found
         through the package's lazy table when called, so the model imports no interop code."""
-        import gptforge
+        from . import load_pretrained  # the package's lazy table; a relative import, see above
 
-        return gptforge.load_pretrained(source, **overrides)
+        return load_pretrained(source, **overrides)

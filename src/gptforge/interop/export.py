@@ -1,5 +1,6 @@
 """Export to Hugging Face: the model as the format whose adapter computes it (GPT-2, Qwen3 or
-Llama), with its tokenizer, in a directory transformers loads offline."""
+Llama; any other model as gptforge's own modeling file, loaded with trust_remote_code), with its
+tokenizer, in a directory transformers loads offline."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ EOT_TEXT = "<|endoftext|>"
 
 
 def adapter_for(c: GPTConfig) -> ModuleType:
-    """The adapter that computes `c`; else one error naming what to change for the nearest format."""
+    """The first adapter that computes `c`: a built-in transformers architecture where one does,
+    else gptforge's own modeling file (interop.remote, last, computes every model). The error
+    naming what to change for the nearest format is for an adapter table without that fallback."""
     found = sorted(((adapter.problems(c), i) for i, adapter in enumerate(ADAPTERS)), key=lambda t: (len(t[0]), t[1]))
     wrong, i = found[0]
     if wrong:
@@ -63,7 +66,8 @@ def _write_json(path: Path, data: dict) -> None:
 def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
               tokenizer=None, inputs=()) -> Path:
     """Write a directory that transformers' `AutoModelForCausalLM` (GPT-2, or Qwen3 / Llama: the
-    format whose adapter computes the model) and `AutoTokenizer` load offline: config.json, model.safetensors, generation_config.json and the model's
+    format whose adapter computes the model; else with trust_remote_code=True, gptforge's model.py
+    and its wrappers copied in: see interop.remote) and `AutoTokenizer` load offline: config.json, model.safetensors, generation_config.json and the model's
     tokenizer: GPT-2's files, or a trained tokenizer's tokenizer.json (the same ids as gptforge)
     with its gptforge-tokenizer.json (so gptforge reads the export back with it). The tokenizer is
     the checkpoint's; for a GPT given directly, `tokenizer` (default: GPT-2's for its 50257-token
@@ -86,12 +90,16 @@ def export_hf(model_or_ckpt_dir: GPT | str | os.PathLike, out_dir: str | os.Path
     eot = tokenizer.eot_id if tokenizer is not None else EOT_ID
     out = Path(out_dir)
     c = model.config
-    state, config_json = adapter_for(c).weights_out(model, eot)
+    adapter = adapter_for(c)
+    state, config_json = adapter.weights_out(model, eot)
+    code = adapter.code_files() if hasattr(adapter, "code_files") else {}  # trust_remote_code: the modeling files
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config_json)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+        for name, data in code.items():
+            (tmp / name).write_bytes(data)
         if tokenizer is not None and tokenizer.trained:
             for name, data in tokenizer.hf_files(c.block_size).items():
                 (tmp / name).write_bytes(data)

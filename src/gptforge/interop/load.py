@@ -21,10 +21,12 @@ from safetensors.torch import load_file
 from gptforge import checkpoint
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import inside, read_json
-from gptforge.interop import gpt2, qwen3
+from gptforge.interop import gpt2, qwen3, remote
 from gptforge.model import GPT, GPTConfig
 
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, qwen3)  # one module per outside format, the same functions
+# one module per outside format, the same functions; export takes the first that computes a model,
+# so remote (our own modeling file, which computes every model) stays last
+ADAPTERS: tuple[ModuleType, ...] = (gpt2, qwen3, remote)
 HUB_MODELS = gpt2.HUB_MODELS
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # GPTConfig fields a caller may change when loading pretrained weights; the rest is the source's
@@ -120,7 +122,7 @@ def open_source(source: str | os.PathLike) -> Source:
         if adapter.recognise(meta):
             return Source(path, meta, adapter)
     raise GPTForgeError(f"{path / 'config.json'}: model_type is {meta.get('model_type')!r}; only 'gpt2' (GPT-2), "
-                        "'qwen3' and 'llama' checkpoints can be loaded")
+                        "'qwen3' and 'llama' checkpoints, and gptforge's own exports ('gptforge'), can be loaded")
 
 
 def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
