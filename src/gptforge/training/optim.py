@@ -18,7 +18,7 @@ import torch
 
 from gptforge.config import OptimArgs
 
-EMBEDDINGS = ("transformer.wte.", "transformer.wpe.")
+EMBEDDINGS = ("transformer.wte.", "transformer.wpe.", "transformer.ve.")  # ve: value embeddings
 HEAD = "lm_head."
 BLOCKS = "transformer.h."
 
