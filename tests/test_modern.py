@@ -386,3 +386,39 @@ def test_wrappings_from_outside_compute_the_same():
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
         warnings.simplefilter("error")  # e.g. "Mismatch dtype between input and weight"
         assert torch.isfinite(nano()(x, y)[1])
+
+
+def test_activation_checkpointing_passes_the_value_embeddings():
+    from gptforge.training.distributed import apply_activation_checkpointing
+
+    switch = dict(value_embeds="all", smear=True, resid_lambdas=True, x0_lambdas=True, backout=True)
+    x, y = tokens(16), tokens(16, seed=1)
+    ref = nano(**switch).train()
+    loss = ref(x, y)[1]
+    loss.backward()
+    ckpt = nano(**switch).train()
+    apply_activation_checkpointing(ckpt)
+    l2 = ckpt(x, y)[1]
+    l2.backward()
+    assert torch.equal(l2, loss)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(ref.parameters(), ckpt.parameters()))
+
+
+def test_shared_context_scoring_carries_the_smear():
+    """Downstream scoring runs a shared context once into a KV cache and broadcasts it over the
+    choices: the smear's predecessor goes with it, so the log-likelihoods are the full forward's."""
+    from gptforge.device import Runtime
+    from gptforge.eval.downstream import Row, _score_shared
+
+    m = nano(smear=True, value_embeds="alternate")
+    with torch.no_grad():
+        m.transformer.smear.lam.fill_(1.0)  # a smear that matters
+    ctx = tokens(10, batch=1)[0].tolist()
+    rows = [Row(ctx, tokens(4, batch=1, seed=s)[0].tolist()) for s in (1, 2, 3)]
+    with torch.no_grad():
+        ll = _score_shared(m, rows, Runtime.make("cpu", "fp32"), False)[0]
+        for r, got in zip(rows, ll):
+            seq = torch.tensor([r.ctx + r.cont])
+            logp = torch.log_softmax(m(seq)[0][0, len(r.ctx) - 1 : -1].double(), dim=-1)
+            want = logp.gather(1, torch.tensor(r.cont)[:, None]).sum()
+            assert abs(got.item() - want.item()) < 1e-4
