@@ -422,3 +422,25 @@ def test_shared_context_scoring_carries_the_smear():
             logp = torch.log_softmax(m(seq)[0][0, len(r.ctx) - 1 : -1].double(), dim=-1)
             want = logp.gather(1, torch.tensor(r.cont)[:, None]).sum()
             assert abs(got.item() - want.item()) < 1e-4
+
+
+def test_muon_groups_and_banner_with_every_technique():
+    from gptforge.config import OptimArgs
+    from gptforge.training.optim import describe, make_optimizer
+
+    m = nano(value_embeds="alternate", resid_lambdas=True, x0_lambdas=True, smear=True, backout=True,
+             embed_norm=True, norm_gain=False).train()
+    args = OptimArgs(name="muon")
+    opt = make_optimizer(m, args, torch.device("cpu"), name="muon")
+    assert "wte + ve" in describe(opt, args)
+    kinds = {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}
+    assert kinds["transformer.ve.1.weight"] == "embed" and kinds["x0_lambdas"] == "gain"
+    x, y = tokens(16), tokens(16, seed=1)
+    losses = []
+    for _ in range(3):
+        loss = m(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
