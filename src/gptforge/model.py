@@ -13,8 +13,8 @@ residual projections. A switch that is off adds no parameter and changes no numb
 Parameter names follow Hugging Face's GPT-2 (`transformer.wte`, `h.N.attn.c_attn`, `mlp.c_fc`,
 `ln_1`, `ln_f`, ...): every 2-D parameter under `transformer.h` is a matrix of a block (what Muon
 optimizes, the value-embedding gates included), the rest are embeddings (`wte`, `wpe`, the value
-embeddings `ve.N`), the head, gains and scalars (the lambdas) and the smear's small gate. The model knows nothing of devices, DDP,
-autocast or torch.compile, nor of outside formats (gptforge.interop).
+embeddings `ve.N`), the head, gains, scalars (the lambdas) and the smear's small gate. The model
+knows nothing of devices, DDP, autocast or torch.compile, nor of outside formats (gptforge.interop).
 
 Shapes: B batch, T time, C channels (n_embd), H heads, D head size (C // H), F the MLP's hidden
 width, V vocabulary (padded when `pad_vocab`).
@@ -73,7 +73,7 @@ class GPTConfig:
     tie_embeddings: bool = _switch(True, "LM head tied to the token embedding (one Parameter)")
     zero_init: bool = _switch(False, "residual output projections start at zero (else N(0, 0.02/sqrt(2 n_layer)))")
     softcap: float = _switch(0.0, "logits -> softcap * tanh(logits / softcap), e.g. 15; 0 = off (bounds the logits: steadier early training)")
-    norm_gain: bool = _switch(True, "norms have a learned gain (false: parameter-free, as nanochat: fewer params, same loss)")
+    norm_gain: bool = _switch(True, "norms have a learned gain (false: parameter-free, as nanochat's: no gains to store or tune)")
     embed_norm: bool = _switch(False, "a norm right after the token embedding (nanochat: the residual stream starts at unit RMS)")
     value_embeds: str = _switch("off", "off | alternate | all: per-layer token embeddings mixed into V through an input-dependent gate (ResFormer; nanochat: alternate)")
     resid_lambdas: bool = _switch(False, "a learned per-layer scale of the residual stream before each block (nanochat's init 1.15 -> 1.05)")
@@ -473,7 +473,7 @@ class GPT(nn.Module):
                 module.sin.copy_(sin)
             elif isinstance(module, Smear):
                 module.lam.zero_()
-        depth = torch.arange(self.config.n_layer) / max(self.config.n_layer - 1, 1)  # 0 -> 1
+        depth = torch.arange(self.config.n_layer, dtype=torch.float32) / max(self.config.n_layer - 1, 1)  # 0 -> 1
         if self.resid_lambdas is not None:
             self.resid_lambdas.copy_(1.15 - 0.10 * depth)
         if self.x0_lambdas is not None:
