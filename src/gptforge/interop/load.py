@@ -120,7 +120,7 @@ def open_source(source: str | os.PathLike) -> Source:
         if adapter.recognise(meta):
             return Source(path, meta, adapter)
     raise GPTForgeError(f"{path / 'config.json'}: model_type is {meta.get('model_type')!r}; only 'gpt2' (GPT-2), "
-                        "'qwen3', 'llama' and 'nanochat' checkpoints can be loaded")
+                        "'nanochat', 'qwen3' and 'llama' checkpoints can be loaded")
 
 
 def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:
