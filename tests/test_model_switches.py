@@ -20,7 +20,8 @@ from gptforge.model import GPT, RECIPES, SWITCHES, GPTConfig
 
 SIZE = dict(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
 OTHER = {bool: lambda v: not v, float: lambda v: v * 2 if v else 15.0,
-         str: lambda v: {"layernorm": "rmsnorm", "rmsnorm": "layernorm", "gelu": "relu2", "swiglu": "relu2", "relu2": "gelu"}[v]}
+         str: lambda v: {"layernorm": "rmsnorm", "rmsnorm": "layernorm", "gelu": "relu2", "swiglu": "relu2", "relu2": "gelu",
+                             "off": "alternate", "alternate": "all", "all": "off"}[v]}
 CASES = [(recipe, key) for recipe in RECIPES for key in SWITCHES]
 
 

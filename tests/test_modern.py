@@ -101,6 +101,55 @@ def test_kv_cache_decode_equals_full_recompute(attention, rope):
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-5
 
 
+# nanochat's techniques, each alone and all at once (nanochat's recipe on gptforge's model)
+NANOCHAT = [dict(norm_gain=False), dict(embed_norm=True), dict(value_embeds="alternate"), dict(value_embeds="all"),
+            dict(resid_lambdas=True), dict(x0_lambdas=True), dict(smear=True), dict(backout=True),
+            dict(norm_gain=False, embed_norm=True, value_embeds="alternate", resid_lambdas=True, x0_lambdas=True,
+                 smear=True, backout=True, mlp="relu2", softcap=15.0)]
+
+
+@pytest.mark.parametrize("switch", NANOCHAT, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_kv_cache_decode_equals_full_recompute_with_each_technique(switch):
+    """The smear reads the previous token across decode steps (KVCache.last_embedding); value
+    embeddings, lambdas and backout are per position."""
+    m = nano(n_layer=3, **switch)
+    x = tokens(24)
+    cache = KVCache(m.config, batch_size=2)
+    with torch.no_grad():
+        full = m(x)[0]
+        parts = [m(x[:, :9], kv_cache=cache)[0], m(x[:, 9:15], kv_cache=cache)[0]]
+        parts += [m(x[:, t : t + 1], kv_cache=cache)[0] for t in range(15, 24)]
+    assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-5
+    a = generate(m, [464, 318, 257], 8, temperature=0, stop_at_eot=False)
+    assert a == generate(m, [464, 318, 257], 8, temperature=0, stop_at_eot=False, use_cache=False)
+
+
+def test_techniques_add_their_parameters_only_when_on():
+    names = lambda **s: set(dict(nano(n_layer=3, **s).named_parameters()))
+    base = names()
+    assert names(value_embeds="alternate") - base == {
+        "transformer.ve.0.weight", "transformer.ve.2.weight", "transformer.h.0.attn.ve_gate.weight",
+        "transformer.h.2.attn.ve_gate.weight"}  # every other layer, ending at the last (nanochat's has_ve)
+    assert len(names(value_embeds="all") - base) == 6
+    assert names(resid_lambdas=True, x0_lambdas=True, backout=True) - base == {"resid_lambdas", "x0_lambdas", "backout_lambda"}
+    assert names(smear=True) - base == {"transformer.smear.gate.weight", "transformer.smear.lam"}
+    assert names(embed_norm=True) - base == {"transformer.ln_e.weight"}
+    assert not any(n.endswith("norm.weight") or ".ln_" in n for n in names(norm_gain=False, embed_norm=True))
+    m = GPT(modern(**{**NANO, "n_layer": 3}, resid_lambdas=True, x0_lambdas=True, backout=True, smear=True))
+    assert torch.allclose(m.resid_lambdas, torch.tensor([1.15, 1.10, 1.05]))  # nanochat's init
+    assert torch.allclose(m.x0_lambdas, torch.tensor([0.20, 0.125, 0.05])) and m.backout_lambda.item() == pytest.approx(0.2)
+    assert m.transformer.smear.lam.item() == 0  # the smear starts as the identity
+
+
+def test_muon_files_value_embeddings_as_embeddings_and_gates_as_matrices():
+    from gptforge.training.optim import kind_of
+
+    m = nano(value_embeds="all", resid_lambdas=True, smear=True)
+    kinds = {n: kind_of(n, p) for n, p in m.named_parameters()}
+    assert kinds["transformer.ve.0.weight"] == "embed" and kinds["transformer.h.0.attn.ve_gate.weight"] == "muon"
+    assert kinds["resid_lambdas"] == "gain" and kinds["transformer.smear.lam"] == "gain"
+
+
 def test_greedy_sampling_with_and_without_cache_agree():
     m = nano(softcap=15.0)  # the capped logits, as sampling sees them
     a = generate(m, [464, 318, 257], 12, temperature=0, stop_at_eot=False)
@@ -126,7 +175,10 @@ def test_rotary_tables_at_any_block_size(block_size):
 
 
 SWITCHES = [dict(rope=False), dict(qk_norm=False), dict(norm="layernorm"), dict(mlp="relu2"), dict(mlp="gelu"),
-            dict(tie_embeddings=True), dict(zero_init=False), dict(softcap=15.0), dict(bias=True, norm="layernorm")]
+            dict(tie_embeddings=True), dict(zero_init=False), dict(softcap=15.0), dict(bias=True, norm="layernorm"),
+            dict(norm_gain=False), dict(norm_gain=False, norm="layernorm", bias=True), dict(embed_norm=True),
+            dict(value_embeds="alternate"), dict(value_embeds="all"), dict(resid_lambdas=True), dict(x0_lambdas=True),
+            dict(smear=True), dict(backout=True)]
 
 
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
@@ -334,3 +386,61 @@ def test_wrappings_from_outside_compute_the_same():
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
         warnings.simplefilter("error")  # e.g. "Mismatch dtype between input and weight"
         assert torch.isfinite(nano()(x, y)[1])
+
+
+def test_activation_checkpointing_passes_the_value_embeddings():
+    from gptforge.training.distributed import apply_activation_checkpointing
+
+    switch = dict(value_embeds="all", smear=True, resid_lambdas=True, x0_lambdas=True, backout=True)
+    x, y = tokens(16), tokens(16, seed=1)
+    ref = nano(**switch).train()
+    loss = ref(x, y)[1]
+    loss.backward()
+    ckpt = nano(**switch).train()
+    apply_activation_checkpointing(ckpt)
+    l2 = ckpt(x, y)[1]
+    l2.backward()
+    assert torch.equal(l2, loss)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(ref.parameters(), ckpt.parameters()))
+
+
+def test_shared_context_scoring_carries_the_smear():
+    """Downstream scoring runs a shared context once into a KV cache and broadcasts it over the
+    choices: the smear's predecessor goes with it, so the log-likelihoods are the full forward's."""
+    from gptforge.device import Runtime
+    from gptforge.eval.downstream import Row, _score_shared
+
+    m = nano(smear=True, value_embeds="alternate")
+    with torch.no_grad():
+        m.transformer.smear.lam.fill_(1.0)  # a smear that matters
+    ctx = tokens(10, batch=1)[0].tolist()
+    rows = [Row(ctx, tokens(4, batch=1, seed=s)[0].tolist()) for s in (1, 2, 3)]
+    with torch.no_grad():
+        ll = _score_shared(m, rows, Runtime.make("cpu", "fp32"), False)[0]
+        for r, got in zip(rows, ll):
+            seq = torch.tensor([r.ctx + r.cont])
+            logp = torch.log_softmax(m(seq)[0][0, len(r.ctx) - 1 : -1].double(), dim=-1)
+            want = logp.gather(1, torch.tensor(r.cont)[:, None]).sum()
+            assert abs(got.item() - want.item()) < 1e-4
+
+
+def test_muon_groups_and_banner_with_every_technique():
+    from gptforge.config import OptimArgs
+    from gptforge.training.optim import describe, make_optimizer
+
+    m = nano(value_embeds="alternate", resid_lambdas=True, x0_lambdas=True, smear=True, backout=True,
+             embed_norm=True, norm_gain=False).train()
+    args = OptimArgs(name="muon")
+    opt = make_optimizer(m, args, torch.device("cpu"), name="muon")
+    assert "wte + ve" in describe(opt, args)
+    kinds = {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}
+    assert kinds["transformer.ve.1.weight"] == "embed" and kinds["x0_lambdas"] == "gain"
+    x, y = tokens(16), tokens(16, seed=1)
+    losses = []
+    for _ in range(3):
+        loss = m(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

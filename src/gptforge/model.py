@@ -3,15 +3,18 @@
 Decoder-only: token embedding (+ learned positions, or rotary embeddings of each head's queries
 and keys), pre-norm blocks (norm -> causal self-attention -> add; norm -> MLP -> add), a final norm
 and an LM head. `GPTConfig`'s switches choose each component when the model is built (norm,
-MLP, positions, QK-norm, tied head, biases, init, logit softcap), so `forward` reads straight.
-With the defaults it is GPT-2 (learned positions, LayerNorm eps 1e-5, tanh-GELU, tied head,
-biases, GPT-2 init); `RECIPES["modern"]` is Qwen3's function (RoPE, QK-norm, RMSNorm eps 1e-6,
-SwiGLU, untied head, no biases) with zero-initialized residual projections.
+its gain, MLP, positions, QK-norm, tied head, biases, init, logit softcap, and nanochat's
+techniques: a norm after the embedding, value embeddings with gates, residual and x0 lambdas,
+smear, backout), so `forward` reads straight. With the defaults it is GPT-2 (learned positions,
+LayerNorm eps 1e-5, tanh-GELU, tied head, biases, GPT-2 init); `RECIPES["modern"]` is Qwen3's
+function (RoPE, QK-norm, RMSNorm eps 1e-6, SwiGLU, untied head, no biases) with zero-initialized
+residual projections. A switch that is off adds no parameter and changes no number.
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.wte`, `h.N.attn.c_attn`, `mlp.c_fc`,
 `ln_1`, `ln_f`, ...): every 2-D parameter under `transformer.h` is a matrix of a block (what Muon
-optimizes), the rest are embeddings, the head and gains. The model knows nothing of devices, DDP,
-autocast or torch.compile, nor of outside formats (gptforge.interop).
+optimizes, the value-embedding gates included), the rest are embeddings (`wte`, `wpe`, the value
+embeddings `ve.N`), the head, gains, scalars (the lambdas) and the smear's small gate. The model
+knows nothing of devices, DDP, autocast or torch.compile, nor of outside formats (gptforge.interop).
 
 Shapes: B batch, T time, C channels (n_embd), H heads, D head size (C // H), F the MLP's hidden
 width, V vocabulary (padded when `pad_vocab`).
@@ -36,6 +39,9 @@ PAD_MULTIPLE = 128  # 50257 -> 50304: a vocabulary that tiles into fast matmuls
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "relu2", "gelu")
 ATTENTIONS = ("flash", "manual")
+VALUE_EMBEDS = ("off", "alternate", "all")
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many leading channels (nanochat's)
+SMEAR_GATE_CHANNELS = 24  # the smear gate likewise
 
 
 def _size(default, help: str):
@@ -68,7 +74,14 @@ class GPTConfig:
     mlp: str = _switch("gelu", "gelu (4C, tanh-GELU) | swiglu (hidden 8C/3 rounded to 64: the 4x MLP's params and FLOPs) | relu2 (4C)")
     tie_embeddings: bool = _switch(True, "LM head tied to the token embedding (one Parameter)")
     zero_init: bool = _switch(False, "residual output projections start at zero (else N(0, 0.02/sqrt(2 n_layer)))")
-    softcap: float = _switch(0.0, "logits -> softcap * tanh(logits / softcap), e.g. 15; 0 = off (no Hugging Face architecture computes it)")
+    softcap: float = _switch(0.0, "logits -> softcap * tanh(logits / softcap), e.g. 15; 0 = off (bounds the logits: steadier early training)")
+    norm_gain: bool = _switch(True, "norms have a learned gain (false: parameter-free, as nanochat's: no gains to store or tune)")
+    embed_norm: bool = _switch(False, "a norm right after the token embedding (nanochat: the residual stream starts at unit RMS)")
+    value_embeds: str = _switch("off", "off | alternate | all: per-layer token embeddings mixed into V through an input-dependent gate (ResFormer; nanochat: alternate)")
+    resid_lambdas: bool = _switch(False, "a learned per-layer scale of the residual stream before each block (nanochat's init 1.15 -> 1.05)")
+    x0_lambdas: bool = _switch(False, "a learned per-layer weight blending the first embedding x0 back in before each block (nanochat's init 0.2 -> 0.05)")
+    smear: bool = _switch(False, "add the previous token's embedding through a learned gate (cheap bigram information)")
+    backout: bool = _switch(False, "subtract a learned fraction (init 0.2) of the middle layer's residual before the final norm")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -117,11 +130,28 @@ class GPTConfig:
             problems.append(f"model.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.softcap >= 0:
             problems.append(f"model.softcap must be >= 0 (0 = off), got {self.softcap!r}")
+        if self.value_embeds not in VALUE_EMBEDS:
+            problems.append(f"model.value_embeds must be one of {', '.join(VALUE_EMBEDS)}, got {self.value_embeds!r}")
         if not self.rope_base > 0:
             problems.append(f"model.rope_base must be > 0, got {self.rope_base!r}")
         if problems:
             raise GPTForgeError("; ".join(problems))
         return self
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Whether block `layer` mixes a value embedding into V: every layer, or every other one
+        ending at the last (nanochat's placement)."""
+        if self.value_embeds == "alternate":
+            return layer % 2 == (self.n_layer - 1) % 2
+        return self.value_embeds == "all"
+
+    def differences(self, want: dict) -> list[str]:
+        """`model.key=value (to wanted)` for each key of `want` whose value this config does not
+        have: what an export adapter's `problems` lists."""
+        def show(v):
+            return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+        return [f"model.{k}={show(getattr(self, k))} (to {show(v)})" for k, v in want.items() if getattr(self, k) != v]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,8 +178,11 @@ SWITCHES = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("switch"))
 RECIPES: dict[str, dict] = {
     "gpt2": {f.name: f.default for f in fields(GPTConfig) if f.name in SWITCHES},
     "modern": dict(bias=False, rope=True, rope_base=10000.0, qk_norm=True, norm="rmsnorm", norm_eps=1e-6,
-                   mlp="swiglu", tie_embeddings=False, zero_init=True, softcap=0.0),
+                   mlp="swiglu", tie_embeddings=False, zero_init=True, softcap=0.0, norm_gain=True, embed_norm=False,
+                   value_embeds="off", resid_lambdas=False, x0_lambdas=False, smear=False, backout=False),
 }
+# The switches GPT-2's and Qwen3's formats have no tensor or op for, at the values they compute.
+EXTRAS_OFF = {k: RECIPES["gpt2"][k] for k in ("value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout")}
 
 # Named sizes, as data. GPT-2's four, plus tiny ones that train on a CPU; any recipe at any size.
 PRESETS: dict[str, dict] = {
@@ -187,6 +220,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # tokens already cached; advanced by GPT.forward after all layers ran
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C) of token pos-1, for the smear (Smear)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at [pos, pos+T); return all keys/values so far (B, H, pos+T, D)."""
@@ -201,13 +235,14 @@ class RMSNorm(nn.RMSNorm):
     arrive in bf16 while the gain is fp32 (torch's fused kernel wants one dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None  # None: parameter-free
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 def make_norm(config: GPTConfig, size: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(size, eps=config.norm_eps)
-    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(size, eps=config.norm_eps, elementwise_affine=config.norm_gain)
+    return nn.LayerNorm(size, eps=config.norm_eps, elementwise_affine=config.norm_gain, bias=config.bias)
 
 
 class Rotary(nn.Module):
@@ -246,8 +281,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_OUTPUT = True  # see GPT.init_weights
-        self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps, elementwise_affine=config.norm_gain) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps, elementwise_affine=config.norm_gain) if config.qk_norm else None
+        # value embedding gate: 3 * sigmoid(a linear map of the first channels), one per head, in (0, 3)
+        channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate = nn.Linear(channels, config.n_head, bias=False) if config.has_value_embed(layer) else None
+        if self.ve_gate is not None:
+            self.ve_gate.GATE = True  # see GPT.init_weights
         self.rotary = Rotary(config) if config.rope else None
         self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -257,10 +297,14 @@ class CausalSelfAttention(nn.Module):
             mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
             self.register_buffer("bias", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C), and with value embeddings this layer's ve (B, T, C) -> (B, T, C)."""
         B, T, C = x.size()
         D = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        if self.ve_gate is not None:  # value residual: V += gate (per head) * the token's value embedding
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, H)
+            v = v + (gate.unsqueeze(-1) * ve.to(v.dtype).view(B, T, self.n_head, D)).view(B, T, C)
         q, k, v = (t.view(B, T, self.n_head, D) for t in (q, k, v))  # (B, T, H, D)
         if self.q_norm is not None:  # over each head's D, before the rotation (Qwen3's order)
             q, k = self.q_norm(q), self.k_norm(k)
@@ -329,10 +373,34 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class Smear(nn.Module):
+    """x_t + lam * sigmoid(gate(x_t[:24])) * x_(t-1): each token's embedding takes in its
+    predecessor's through a per-token gate (nanochat's smear; lam starts at 0, the identity). The
+    first token has no predecessor; with a KV cache, a chunk's predecessor is the cache's
+    `last_embedding`, so decoding step by step equals the full forward."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False)
+        self.gate.GATE = True  # see GPT.init_weights
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        prev = x[:, :-1]  # (B, T-1, C)
+        if kv_cache is not None and kv_cache.pos > 0:
+            prev = torch.cat([kv_cache.last_embedding.to(x.dtype), prev], dim=1)
+        else:
+            prev = F.pad(prev, (0, 0, 1, 0))  # (B, T, C): zero before the first token
+        if kv_cache is not None:
+            kv_cache.last_embedding = x[:, -1:]
+        gate = self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[..., : self.gate.in_features]))  # (B, T, 1)
+        return x + gate * prev
 
 
 class GPT(nn.Module):
@@ -353,7 +421,19 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         )
+        if config.embed_norm:
+            parts["ln_e"] = make_norm(config, config.n_embd)
+        if config.smear:
+            parts["smear"] = Smear(config)
+        value_embeds = {str(i): nn.Embedding(V, config.n_embd) for i in range(config.n_layer) if config.has_value_embed(i)}
+        if value_embeds:
+            parts["ve"] = nn.ModuleDict(value_embeds)
         self.transformer = nn.ModuleDict(parts)
+        # per-layer scalars on the residual stream; None (no parameter) when off
+        L = config.n_layer
+        self.resid_lambdas = nn.Parameter(torch.ones(L)) if config.resid_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(L)) if config.x0_lambdas else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one Parameter, shared storage
@@ -366,11 +446,16 @@ class GPT(nn.Module):
         projections (attn.c_proj, mlp.c_proj) zero with zero_init, else GPT-2's N(0,
         0.02/sqrt(2 * n_layer)) (two residual adds per block). Drawn in module order; a tied head
         is drawn again last, as GPT-2's init does. The rotary tables are recomputed (a model built
-        on the meta device gets them here)."""
+        on the meta device gets them here). The switches' parameters start as nanochat's: gates
+        U(0, 0.02) (value-embedding gates near 1.5, the smear's lam 0), value embeddings like the
+        other embeddings, resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.2 -> 0.05 over depth,
+        backout 0.2."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                if not getattr(module, "RESIDUAL_OUTPUT", False):
+                if getattr(module, "GATE", False):
+                    module.weight.uniform_(0.0, 0.02, generator=generator)
+                elif not getattr(module, "RESIDUAL_OUTPUT", False):
                     module.weight.normal_(0.0, 0.02, generator=generator)
                 elif self.config.zero_init:
                     module.weight.zero_()
@@ -380,7 +465,7 @@ class GPT(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, 0.02, generator=generator)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
                 module.weight.fill_(1.0)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
@@ -388,6 +473,15 @@ class GPT(nn.Module):
                 cos, sin = module.tables(module.cos.device)
                 module.cos.copy_(cos)
                 module.sin.copy_(sin)
+            elif isinstance(module, Smear):
+                module.lam.zero_()
+        depth = torch.arange(self.config.n_layer, dtype=torch.float32) / max(self.config.n_layer - 1, 1)  # 0 -> 1
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+        if self.x0_lambdas is not None:
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
@@ -407,9 +501,22 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:  # learned positions (rope rotates q and k in attention instead)
             x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+        if "ln_e" in self.transformer:
+            x = self.transformer.ln_e(x)
+        if "smear" in self.transformer:
+            x = self.transformer.smear(x, kv_cache)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
+        x0, middle = x, None
+        for i, block in enumerate(self.transformer.h):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x
+            if self.x0_lambdas is not None:
+                x = x + self.x0_lambdas[i] * x0
+            x = block(x, kv_cache, self.value_embedding(idx, i))
+            if i == self.config.n_layer // 2:
+                middle = x
+        if self.backout_lambda is not None:  # remove a share of the middle layer's (lower-level) features
+            x = x - self.backout_lambda.to(x.dtype) * middle
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)  # (B, T, C)
@@ -419,6 +526,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padded columns never predicted
         return softcap_logits(logits, self.config.softcap), None
 
+    def value_embedding(self, idx: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """(B, T, C) value embedding of block `layer`'s tokens, or None where it has none."""
+        tables = self.transformer["ve"] if "ve" in self.transformer else {}
+        return tables[str(layer)](idx) if str(layer) in tables else None
+
     @property
     def tied(self) -> bool:
         """The LM head is the token embedding (one Parameter)."""
@@ -426,12 +538,14 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied head counted once). non_embedding subtracts the lookups that
-        are no matmul, as nanoGPT does: wpe, and wte when the head is untied (a tied wte is the
-        head's matmul)."""
+        are no matmul, as nanoGPT does: wpe, the value embeddings, and wte when the head is untied
+        (a tied wte is the head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
+            if "ve" in self.transformer:
+                n -= sum(p.numel() for p in self.transformer.ve.parameters())
             if not self.tied:
                 n -= self.transformer.wte.weight.numel()
         return n

@@ -202,6 +202,8 @@ def _score_shared(model, rows: list[Row], runtime, want_logits: bool):
         cache.k[layer][:, :, : one.pos] = one.k[layer][:, :, : one.pos]  # broadcast over the rows
         cache.v[layer][:, :, : one.pos] = one.v[layer][:, :, : one.pos]
     cache.pos = one.pos
+    if one.last_embedding is not None:  # the smear's predecessor (model.smear), broadcast likewise
+        cache.last_embedding = one.last_embedding.expand(len(rows), -1, -1)
     L = max(len(r.cont) for r in rows)
     x = torch.zeros(len(rows), L, dtype=torch.long)
     y = torch.full((len(rows), L), -1, dtype=torch.long)

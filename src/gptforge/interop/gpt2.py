@@ -18,7 +18,7 @@ import torch
 
 from gptforge.checkpoint import field_problems
 from gptforge.errors import GPTForgeError
-from gptforge.model import GPT, GPTConfig
+from gptforge.model import EXTRAS_OFF, GPT, GPTConfig
 
 NAME = "GPT-2"
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, under openai-community/
@@ -27,7 +27,8 @@ BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask 
 LM_HEAD = "lm_head.weight"
 EOT_ID = 50256
 # what GPT-2 computes, as switch values (bias: a missing bias is written as a zero bias)
-COMPUTES = dict(rope=False, norm="layernorm", mlp="gelu", tie_embeddings=True, qk_norm=False, softcap=0.0)
+COMPUTES = dict(rope=False, norm="layernorm", mlp="gelu", tie_embeddings=True, qk_norm=False, softcap=0.0,
+                norm_gain=True, embed_norm=False, **EXTRAS_OFF)
 
 
 def recognise(hf: dict) -> bool:

@@ -1,6 +1,6 @@
 """The one loader of everything a user can point at: a gptforge checkpoint directory, a run
 directory (its newest complete checkpoint), a Hugging Face directory of a format an adapter
-recognises (gptforge.interop.gpt2, .qwen3), or a hub name (gpt2 ... gpt2-xl, downloaded when
+recognises (gptforge.interop.gpt2, .qwen3, .nanochat), or a hub name (gpt2 ... gpt2-xl, downloaded when
 online). `open_source` locates the source once and reads its config.json once; its config,
 tokenizer and model all come from that reading.
 
@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from gptforge import checkpoint
 from gptforge.errors import GPTForgeError
 from gptforge.fsutil import inside, read_json
-from gptforge.interop import gpt2, qwen3, remote
+from gptforge.interop import gpt2, nanochat, qwen3, remote
 from gptforge.model import GPT, GPTConfig
 
 # one module per outside format, the same functions; export takes the first that computes a model,
 # so remote (our own modeling file, which computes every model) stays last
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, qwen3, remote)
+ADAPTERS: tuple[ModuleType, ...] = (gpt2, qwen3, nanochat, remote)
 HUB_MODELS = gpt2.HUB_MODELS
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # GPTConfig fields a caller may change when loading pretrained weights; the rest is the source's
@@ -122,7 +122,7 @@ def open_source(source: str | os.PathLike) -> Source:
         if adapter.recognise(meta):
             return Source(path, meta, adapter)
     raise GPTForgeError(f"{path / 'config.json'}: model_type is {meta.get('model_type')!r}; only 'gpt2' (GPT-2), "
-                        "'qwen3' and 'llama' checkpoints, and gptforge's own exports ('gptforge'), can be loaded")
+                        "'nanochat', 'qwen3' and 'llama' checkpoints, and gptforge's own exports ('gptforge'), can be loaded")
 
 
 def load_pretrained(source: str | os.PathLike, **overrides) -> GPT:

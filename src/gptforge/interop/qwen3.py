@@ -14,7 +14,7 @@ import torch
 
 from gptforge.checkpoint import field_problems
 from gptforge.errors import GPTForgeError
-from gptforge.model import GPT, RECIPES, GPTConfig
+from gptforge.model import EXTRAS_OFF, GPT, RECIPES, GPTConfig
 
 NAME = "Qwen3/Llama"
 NORM_EPS = RECIPES["modern"]["norm_eps"]  # rms_norm_eps when config.json names none
@@ -35,7 +35,7 @@ def problems(c: GPTConfig) -> list[str]:
         wrong.append("model.rope=false (to true)")
     if c.bias:
         wrong.append("model.bias=true (to false)")
-    return wrong
+    return wrong + c.differences(dict(norm_gain=True, embed_norm=False, **EXTRAS_OFF))
 
 
 def model_type(c: GPTConfig) -> str:

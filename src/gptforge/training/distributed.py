@@ -144,10 +144,10 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
             continue
         forward = block.forward  # the class's bound method
 
-        def checkpointed(x, kv_cache=None, _forward=forward):
+        def checkpointed(x, kv_cache=None, ve=None, *, _forward=forward):  # Block.forward's arguments
             if kv_cache is not None or not torch.is_grad_enabled():
-                return _forward(x, kv_cache)
-            return checkpoint(_forward, x, use_reentrant=False)
+                return _forward(x, kv_cache, ve)
+            return checkpoint(_forward, x, None, ve, use_reentrant=False)
 
         block.forward = checkpointed
         block._activation_checkpointing = True

@@ -18,7 +18,7 @@ import torch
 
 from gptforge.config import OptimArgs
 
-EMBEDDINGS = ("transformer.wte.", "transformer.wpe.")
+EMBEDDINGS = ("transformer.wte.", "transformer.wpe.", "transformer.ve.")  # ve: value embeddings
 HEAD = "lm_head."
 BLOCKS = "transformer.h."
 
@@ -152,7 +152,8 @@ def describe(optimizer: torch.optim.Optimizer, args: OptimArgs) -> str:
             muon = (f"optimizer muon: {n} matrices ({size(g)}) lr {g['base_lr']:g} momentum {g['momentum']:g} "
                     f"wd {g['weight_decay']:g} adjust_lr {g['adjust_lr_fn']}")
             continue
-        what = {"embed": " + ".join(x.split(".")[1] for x in g["param_names"]), "head": "lm_head",
+        tables = dict.fromkeys(x.removeprefix("transformer.").split(".")[0] for x in g["param_names"])  # wte, wpe, ve
+        what = {"embed": " + ".join(tables), "head": "lm_head",
                 "matrix": f"{n} other matrices", "gain": f"{n} gains/biases"}[g["kind"]]
         parts.append(f"{what} ({size(g)}) lr {g['base_lr']:g} wd {g['weight_decay']:g}")
     return (muon or "optimizer muon: no matrices") + " | adamw: " + ", ".join(parts)
