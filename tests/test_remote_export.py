@@ -30,11 +30,16 @@ PROMPT = [464, 318, 257, 1332]
 NEW = 16
 
 # Models no built-in class computes: the modern recipe with a softcap and ReLU^2 (tied and untied,
-# a padded vocabulary), and learned positions with RMSNorm, QK-norm and the manual attention.
+# a padded vocabulary), learned positions with RMSNorm, QK-norm and the manual attention, and
+# nanochat's techniques all on.
 CASES = {
     "softcap_relu2": dict(mlp="relu2", softcap=15.0, pad_vocab=True),
     "softcap_relu2_tied": dict(mlp="relu2", softcap=30.0, tie_embeddings=True),
     "learned_positions_manual": dict(rope=False, attention="manual", softcap=10.0),
+    # nanochat's architecture whole: NanoChatForCausalLM has none of its value embeddings, lambdas,
+    # smear or backout, so only our own modeling file computes it
+    "nanochat_techniques": dict(mlp="relu2", softcap=15.0, norm_gain=False, embed_norm=True, value_embeds="alternate",
+                                resid_lambdas=True, x0_lambdas=True, smear=True, backout=True),
 }
 
 # Loads each exported directory with transformers, gptforge made unimportable first (a meta-path
