@@ -30,7 +30,7 @@ from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training import fit, weights
 from gptforge.training.optim import make_optimizer
-from gptforge.training.plan import BatchPlan, optimizer_name, per_rank_sequences, refuse_fsdp_muon, schedule_name
+from gptforge.training.plan import BatchPlan, optimizer_name, per_rank_sequences, schedule_name
 
 
 @dataclass
@@ -122,9 +122,6 @@ def make_optimizer_for(cfg: TrainConfig, model: torch.nn.Module, device: torch.d
     """The optimizer over the (wrapped) model's parameters, and cfg.optim with its schedule resolved;
     `auto` by the model's own architecture (with model.init_from, the source's)."""
     arch = model.config.recipe
-    refusal = refuse_fsdp_muon(cfg, arch)
-    if refusal:
-        raise GPTForgeError(refusal)
     optimizer = make_optimizer(model, cfg.optim, device, optimizer_name(cfg, arch))
     return optimizer, replace(cfg.optim, schedule=schedule_name(cfg, arch))
 
