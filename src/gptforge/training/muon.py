@@ -183,8 +183,8 @@ class Muon(torch.optim.Optimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
         if self.variant.normuon and "normuon_v" not in state:
-            shape = [1, 1]
-            shape[normuon_dim(p.shape)] = p.shape[normuon_dim(p.shape)]
+            rows, cols = p.shape
+            shape = (rows, 1) if normuon_dim(p.shape) == -1 else (1, cols)  # one per row, or per column
             state["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=_local(p).device)
         if self.variant.momentum_warmup and "step" not in state:
             state["step"] = torch.tensor(0.0)
