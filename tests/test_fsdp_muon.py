@@ -5,10 +5,10 @@ sharded, gathered and re-sharded through the checkpoint).
 
 The single-process reference runs in this process with the same global batch (micro-batch 8
 against 2 ranks x 4), as tests/test_distributed.py does; its helpers launch the runs. Training
-losses agree to 1e-4, not 1e-5: the ranks' gradients are summed in another order (~1e-7 apart),
+losses agree to 3e-4, not 1e-5: the ranks' gradients are summed in another order (~1e-7 apart),
 and Newton-Schulz runs in bf16 (torch.optim.Muon's numerics), where such last-bit differences
-round apart (measured: 5.4e-5 at step 1 of 20). The step itself is compared bitwise, on gradients
-that are the same on both sides.
+round apart (measured on 20 steps: 5.4e-5 at step 1, at most 1.1e-4, not growing). The step
+itself is compared bitwise, on gradients that are the same on both sides.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ STEP = """
 pytestmark = pytest.mark.slow
 
 STEPS, HALF = 20, 10
+TOL = 3e-4
 MUON = {"optim.name": "muon", "run.max_steps": STEPS, "run.ckpt_every": HALF, "run.sample_tokens": 0}
 VARIANTS = {**MUON, "run.max_steps": 6, "run.ckpt_every": 3, "optim.muon_ns": "polar_express",
             "optim.muon_normuon": "true", "optim.muon_cautious_wd": "true", "optim.muon_momentum_warmup": 4,
@@ -111,7 +112,7 @@ def runs(tmp_path_factory, shards_dir) -> dict[str, Path]:
 def test_fsdp_muon_equals_one_process_over_20_steps(runs):
     got, want = train_losses(runs["fsdp"]), train_losses(runs["single"])
     assert sorted(got) == list(range(STEPS))
-    assert_close(got, want, range(STEPS), tol=1e-4)
+    assert_close(got, want, range(STEPS), tol=TOL)
 
 
 def test_fsdp_muon_resumes_bitwise(runs, shards_dir, tmp_path):
@@ -129,7 +130,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(runs, shards_dir, tmp_path):
     one process on the one-process trajectory."""
     res = train(C.resolve(None, list(overrides(tmp_path / "one", shards_dir, 8, **MUON).items())),
                 resume=str(step_dir(runs["fsdp"], HALF)), progress=False)
-    assert_close(res.losses, train_losses(runs["single"]), range(HALF, STEPS), tol=1e-4)
+    assert_close(res.losses, train_losses(runs["single"]), range(HALF, STEPS), tol=TOL)
 
 
 def test_every_variant_under_fsdp_equals_one_process_and_resumes_bitwise(shards_dir, tmp_path):
@@ -138,7 +139,7 @@ def test_every_variant_under_fsdp_equals_one_process_and_resumes_bitwise(shards_
     p = ok(torchrun(fsdp, shards_dir, **VARIANTS, **{"run.dist": "fsdp"}))
     assert "(ns polar_express, normuon, cautious wd, momentum warmup 4)" in p.stdout
     got = train_losses(fsdp)
-    assert_close(got, train_losses(single), range(6), tol=1e-4)
+    assert_close(got, train_losses(single), range(6), tol=TOL)
     # the variants' state is in the checkpoint, whole: NorMuon's per-neuron statistics and the step count
     state = ckpt.load_train_state(step_dir(fsdp, 3))["optimizer"]["state"]
     muon_states = [s for s in state.values() if "momentum_buffer" in s]
