@@ -11,7 +11,7 @@ Under FSDP2 the momentum buffer stays a shard (its update is elementwise); the N
 is gathered to the whole matrix (DTensor.full_tensor), orthogonalized on every rank, and each rank
 keeps its own rows of the result. Every rank rather than one owner per matrix: the result is the
 one process's bit for bit given the same gathered update, it takes one collective per matrix
-(an owner scheme needs a gather and a scatter), and Newton-Schulz is ~1e-5 of a step's FLOPs at
+(an owner scheme needs a gather and a scatter), and Newton-Schulz is ~4e-6 of a step's FLOPs at
 GPT-2 small, so doing it W times costs nothing measurable (docs/modern-recipe.md).
 
 The variants, each off by default (docs/modern-recipe.md names their sources):
