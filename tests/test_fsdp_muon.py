@@ -58,7 +58,8 @@ STEP = """
     for (n, p), q in zip(ref.named_parameters(), model.parameters()):
         assert q.to_local().shape != p.shape or n.endswith("bias") or q.dim() < 2, n  # really sharded
         assert torch.equal(p, q.full_tensor()), n
-    print("BITWISE", sum(1 for g in o.param_groups if g["kind"] == "muon" for _ in g["params"]))
+    if dist.get_rank() == 0:  # each rank asserted its own; one line to read
+        print("BITWISE", sum(1 for g in o.param_groups if g["kind"] == "muon" for _ in g["params"]))
     dist.destroy_process_group()
 """
 
@@ -88,7 +89,7 @@ def test_a_step_on_fsdp_shards_is_the_one_process_step_bitwise(tmp_path, variant
            "optim.name=muon", "optim.muon_weight_decay=0.1", *variant]
     p = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=150,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}))
-    assert p.stdout.count("BITWISE 8") == 2
+    assert p.stdout.count("BITWISE 8") == 1
 
 
 def single_run(run: Path, shards_dir: Path, **extra) -> Path:
