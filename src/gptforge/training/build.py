@@ -22,7 +22,6 @@ from gptforge.data.loader import ShardLoader
 from gptforge.data.prepare import ensure_default_corpus
 from gptforge.data.shards import data_tokenizer
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision
-from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss
 from gptforge.measure import LMHeadChoice, choose_lm_head_loss
 from gptforge.tokenizer import Tokenizer
