@@ -126,6 +126,7 @@ def test_fsdp_muon_resumes_bitwise(runs, shards_dir, tmp_path):
         assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
 
 
+@pytest.mark.filterwarnings("ignore:resuming the RNG states")  # no dropout here: the masks do not matter
 def test_fsdp_checkpoint_resumes_in_one_process(runs, shards_dir, tmp_path):
     """The full optimizer state gathered from the shards (the momentum buffers whole) continues in
     one process on the one-process trajectory."""
