@@ -653,3 +653,49 @@ def test_auto_runs_the_compiled_plain_loss_under_compile_and_trains_as_eager(tmp
         close(eager)
         close(compiled)
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- Muon under FSDP2 over NCCL
+MUON_VARIANTS = {"optim.muon_ns": "polar_express", "optim.muon_normuon": True, "optim.muon_cautious_wd": True,
+                 "optim.muon_momentum_warmup": 2, "optim.muon_weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("variants", [False, True], ids=["default", "variants"])
+def test_fsdp_muon_over_nccl_equals_one_process_and_resumes_bitwise(tmp_path, shards_dir, variants):
+    """The CUDA twin of tests/test_fsdp_muon.py on one GPU (world size 1, forced to wrap): Muon's
+    update through the DTensor path (gather, orthogonalize, keep the shard) follows the plain run,
+    and its checkpoint (momentum and the variants' state) resumes bitwise."""
+    over = {"optim.name": "muon", "run.precision": "fp32", "run.max_steps": 6, "run.ckpt_every": 3,
+            "data.order": "shuffle", **(MUON_VARIANTS if variants else {})}
+    single = losses_of(cfg(tmp_path, shards_dir, "single", **over))
+    torchrun1(tmp_path, "train", *flags(cfg(tmp_path, shards_dir, "fsdp", **over, **{"run.dist": "fsdp"})))
+    got = _run_losses(tmp_path / "fsdp")
+    for s in range(6):
+        assert got[s] == pytest.approx(single[s], abs=1e-5), s
+    mid = ckpt.checkpoints_dir(tmp_path / "fsdp") / ckpt.step_dir_name(3)
+    torchrun1(tmp_path, "train", *flags(cfg(tmp_path, shards_dir, "resumed", **over, **{"run.dist": "fsdp"})), "--resume", str(mid))
+    again = _run_losses(tmp_path / "resumed")
+    assert sorted(again) == [3, 4, 5] and all(again[s] == got[s] for s in again), (again, got)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_muon_on_two_gpus_follows_one_process_and_resumes_bitwise(tmp_path, shards_dir):
+    """2 ranks over NCCL, each matrix sharded in two: the one-GPU trajectory within Newton-Schulz's
+    bf16 noise (tests/test_fsdp_muon.py: the gradients are summed in another order), bitwise resume."""
+    over = {"optim.name": "muon", "run.precision": "fp32", "run.max_steps": 6, "run.ckpt_every": 3,
+            "data.order": "shuffle", **MUON_VARIANTS}
+    single = losses_of(cfg(tmp_path, shards_dir, "single", **over))
+
+    def two(name, *extra):
+        args = flags(cfg(tmp_path, shards_dir, name, **over, **{"run.dist": "fsdp", "optim.micro_batch_size": 2}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptforge",
+               "train", *args, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        return _run_losses(tmp_path / name)
+
+    got = two("fsdp")
+    for s in range(6):
+        assert got[s] == pytest.approx(single[s], abs=3e-4), s
+    again = two("resumed", "--resume", str(ckpt.checkpoints_dir(tmp_path / "fsdp") / ckpt.step_dir_name(3)))
+    assert sorted(again) == [3, 4, 5] and all(again[s] == got[s] for s in again), (again, got)

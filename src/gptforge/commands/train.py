@@ -7,7 +7,6 @@ import sys
 from gptforge import config as C
 from gptforge.commands.options import expand_aliases, usage_note
 from gptforge.errors import GPTForgeError
-from gptforge.training import plan
 from gptforge.training.checkpoint import checkpoint_meta, resolve_resume
 from gptforge.training.distributed import DistEnv
 from gptforge.training.rundir import resume_run_dir
@@ -73,7 +72,7 @@ def build_config(argv: list[str]) -> tuple[C.TrainConfig, str | None]:
             resume = str(found)
         else:
             resume = None  # auto with nothing to resume: a fresh run
-    return plan.check(cfg), resume
+    return cfg, resume
 
 
 def main(argv: list[str]) -> int:

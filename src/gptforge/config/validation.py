@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("auto", "cosine", "wsd")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # what torch.optim.Muon's adjust_lr_fn accepts
+MUON_NS = ("torch", "polar_express")  # training/muon.py's orthogonalizations
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what torch, numpy and the checkpoint's tensors hold
 
 
@@ -115,6 +116,10 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
     if o.muon_adjust_lr not in MUON_ADJUST_LR:
         p.append(f"optim.muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR)}, got {o.muon_adjust_lr!r}")
+    if o.muon_ns not in MUON_NS:
+        p.append(f"optim.muon_ns must be one of {', '.join(MUON_NS)}, got {o.muon_ns!r}")
+    if o.muon_momentum_warmup < 0:
+        p.append(f"optim.muon_momentum_warmup must be >= 0 (0 = off), got {o.muon_momentum_warmup}")
     if o.fused not in ("auto", "on", "off"):
         p.append(f"optim.fused must be auto, on or off, got {o.fused!r}")
     if o.spike_k <= 0 or o.spike_window < 2 or o.spike_max_skips < 1 or not 0 < o.spike_lr_factor <= 1:

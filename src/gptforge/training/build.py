@@ -22,7 +22,6 @@ from gptforge.data.loader import ShardLoader
 from gptforge.data.prepare import ensure_default_corpus
 from gptforge.data.shards import data_tokenizer
 from gptforge.device import Runtime, refuse_cpu_fallback, seed_everything, set_matmul_precision
-from gptforge.errors import GPTForgeError
 from gptforge.loss import HeadLoss
 from gptforge.measure import LMHeadChoice, choose_lm_head_loss
 from gptforge.tokenizer import Tokenizer
@@ -30,7 +29,7 @@ from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training import fit, weights
 from gptforge.training.optim import make_optimizer
-from gptforge.training.plan import BatchPlan, optimizer_name, per_rank_sequences, refuse_fsdp_muon, schedule_name
+from gptforge.training.plan import BatchPlan, optimizer_name, per_rank_sequences, schedule_name
 
 
 @dataclass
@@ -131,9 +130,6 @@ def make_optimizer_for(cfg: TrainConfig, model: torch.nn.Module, device: torch.d
     """The optimizer over the (wrapped) model's parameters, and cfg.optim with its schedule resolved;
     `auto` by the model's own architecture (with model.init_from, the source's)."""
     arch = model.config.recipe
-    refusal = refuse_fsdp_muon(cfg, arch)
-    if refusal:
-        raise GPTForgeError(refusal)
     optimizer = make_optimizer(model, cfg.optim, device, optimizer_name(cfg, arch))
     return optimizer, replace(cfg.optim, schedule=schedule_name(cfg, arch))
 

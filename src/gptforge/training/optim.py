@@ -2,8 +2,9 @@
 learning-rate schedules (warmup + cosine; warmup-stable-decay).
 
 `optim.name adamw`: one torch AdamW, weight decay on the >= 2-D parameters only.
-`optim.name muon`: `MuonAdamW`, one optimizer over two of torch's: `torch.optim.Muon` for every
-2-D parameter under `transformer.h.` (attention and MLP matrices), AdamW for the rest: the
+`optim.name muon`: `MuonAdamW`, one optimizer over two: gptforge's `Muon` (training/muon.py:
+torch.optim.Muon's update, also under FSDP2, with optional variants) for every 2-D parameter
+under `transformer.h.` (attention and MLP matrices), torch's AdamW for the rest: the
 embeddings (optim.embed_lr), an untied `lm_head.weight` (optim.head_lr) and the gains and biases
 (optim.lr, no decay). Each param group is tagged with its `kind` and `base_lr`; the schedule's
 multiplier scales every group's base lr alike.
@@ -17,6 +18,7 @@ import math
 import torch
 
 from gptforge.config import OptimArgs
+from gptforge.training.muon import Muon, MuonVariant
 
 EMBEDDINGS = ("transformer.wte.", "transformer.wpe.", "transformer.ve.")  # ve: value embeddings
 HEAD = "lm_head."
@@ -69,13 +71,19 @@ def _fused_kwargs(args: OptimArgs, device: torch.device) -> dict:
     return {"fused": True} if fused else {}
 
 
+def muon_variant(args: OptimArgs) -> MuonVariant:
+    """The Muon variants optim.muon_* switch on (all off by default: torch.optim.Muon's update)."""
+    return MuonVariant(ns=args.muon_ns, normuon=args.muon_normuon, cautious_wd=args.muon_cautious_wd,
+                       momentum_warmup=args.muon_momentum_warmup)
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon over the "muon" groups and torch.optim.AdamW over the others, seen as one
+    """Muon (training/muon.py) over the "muon" groups and torch.optim.AdamW over the others, seen as one
     optimizer: param_groups are both optimizers' own group dicts (so the schedule, GradScaler's
     unscale_ and zero_grad reach every parameter), and `state` is one dict that both share (their
     parameters are disjoint), so state_dict() is torch's index-keyed format of all of it (Muon's
-    momentum buffers, AdamW's moments and step counts) and resume is exact. step() is Muon's
-    step, then AdamW's: nothing of the update is ours.
+    momentum buffers and its variants' statistics, AdamW's moments and step counts) and resume is
+    exact. step() is Muon's step, then AdamW's: the wrapper adds nothing to either update.
 
     A subclass of torch.optim.Optimizer rather than a plain holder because the trainer, fit.py
     and distributed.py treat it as any optimizer (state_dict / load_state_dict, state.clear(),
@@ -85,8 +93,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], args: OptimArgs, device: torch.device):
         muon = [g for g in groups if g["kind"] == "muon"]
         rest = [g for g in groups if g["kind"] != "muon"]
-        self.muon = torch.optim.Muon(muon, lr=args.muon_lr, momentum=args.muon_momentum,
-                                     weight_decay=args.muon_weight_decay, adjust_lr_fn=args.muon_adjust_lr) if muon else None
+        self.muon = Muon(muon, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay,
+                         adjust_lr_fn=args.muon_adjust_lr, variant=muon_variant(args)) if muon else None
         self.adamw = torch.optim.AdamW(rest, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                                        **_fused_kwargs(args, device)) if rest else None
         # the inner optimizers' group dicts themselves (add_param_group appends the dict it is given)
@@ -151,6 +159,8 @@ def describe(optimizer: torch.optim.Optimizer, args: OptimArgs) -> str:
         if g["kind"] == "muon":
             muon = (f"optimizer muon: {n} matrices ({size(g)}) lr {g['base_lr']:g} momentum {g['momentum']:g} "
                     f"wd {g['weight_decay']:g} adjust_lr {g['adjust_lr_fn']}")
+            if variant := optimizer.muon.variant.describe():
+                muon += f" ({variant})"
             continue
         tables = dict.fromkeys(x.removeprefix("transformer.").split(".")[0] for x in g["param_names"])  # wte, wpe, ve
         what = {"embed": " + ".join(tables), "head": "lm_head",

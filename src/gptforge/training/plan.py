@@ -68,20 +68,3 @@ def _by_arch(value: str, cfg: TrainConfig, arch: str | None, modern: str, gpt2: 
     if value != "auto":
         return value
     return modern if (arch or cfg.model.arch) == "modern" else gpt2
-
-
-def refuse_fsdp_muon(cfg: TrainConfig, arch: str | None = None) -> str | None:
-    """The one-line reason Muon cannot run under this run's FSDP2, or None."""
-    if optimizer_name(cfg, arch) == "muon" and cfg.run.dist == "fsdp":
-        how = "" if cfg.optim.name == "muon" else " (optim.name auto chose it for model.arch modern)"
-        return (f"optim.name muon{how} does not run under run.dist fsdp (Muon orthogonalizes whole matrices and "
-                "an FSDP2 shard is not one): use --run.dist ddp, or --optim.name adamw")
-    return None
-
-
-def check(cfg: TrainConfig) -> TrainConfig:
-    """The plan's refusals that the config alone decides (with model.init_from the architecture is
-    the source's: the trainer checks once the model is built). Returns cfg."""
-    if not cfg.model.init_from and (refusal := refuse_fsdp_muon(cfg)):
-        raise GPTForgeError(f"invalid config: {refusal}")
-    return cfg
