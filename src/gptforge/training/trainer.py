@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from gptforge.sampling import generate
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.build import build, wait_for_shards
+from gptforge.training.clock import Clock, Deadline, command_start, max_steps_binds  # noqa: F401 (Deadline: public name)
 from gptforge.training.metrics import Peaks, Reporter, device_name
 from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
@@ -85,20 +87,15 @@ class StopRequest:
             signal.signal(s, previous)
 
 
-class Deadline:
-    """run.max_minutes from now (0: none)."""
-
-    def __init__(self, minutes: float):
-        self.end = time.time() + minutes * 60 if minutes else math.inf
-
-    def passed(self) -> bool:
-        return time.time() > self.end
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
+        self.clock = Clock(cfg.run.max_minutes, *command_start())  # run.max_minutes: the schedule's horizon
+        binds = max_steps_binds(cfg.explicit, cfg.resolved, cfg.run.max_minutes)
         b = build(cfg, resume, progress)
+        if self.clock.on:
+            cfg.resolved["max_steps_binds"] = binds
+        self.max_steps = cfg.run.max_steps if binds else sys.maxsize
         self.env, self.rt, self.run_dir, self.resume_from = b.env, b.rt, b.run_dir, b.resume_from
         self.tokenizer, self.model, self.train_model, self.seq_len = b.tokenizer, b.model, b.train_model, b.seq_len
         self.optimizer, self.optim, self.scaler, self.head_choice = b.optimizer, b.optim, b.scaler, b.head_choice
@@ -114,11 +111,14 @@ class Trainer:
             self.restore(self.resume_from)
         wait_for_shards(b.shard_check, self.env, self.rt.device)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.clock.expect(min(cfg.run.eval_tokens or self.val_loader.num_tokens, self.val_loader.num_tokens),
+                          self.plan.batch_tokens, cfg.run.sample_tokens if self.samples_here else 0,
+                          self.model.num_params() * 4 * 3)  # weights and two moments
         self.peaks = Peaks(self.rt, cfg.run.peak_tflops)
         tracker = None
         if self.env.is_main and cfg.run.log != "none":
             tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
-        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, tracker, progress,
+        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps if binds else None, tracker, progress,
                                resumed=self.resume_from is not None)
 
     # ----------------------------------------------------------------- the loop
@@ -126,19 +126,18 @@ class Trainer:
         """Step; log the rows read; evaluate, sample, checkpoint when due; stop when asked."""
         cfg, res = self.cfg, TrainResult()
         self.start()
-        deadline = Deadline(cfg.run.max_minutes)
         rows: list[dict] = []  # rows returned by train_step and not yet logged
         every = lambda n: bool(n) and self.step % n == 0  # noqa: E731
         try:
             with StopRequest() as stop:
-                while self.step < cfg.run.max_steps:
+                while self.step < self.max_steps:
                     rows.append(self.train_step())
-                    done = self.step >= cfg.run.max_steps
+                    done = self.step >= self.max_steps
                     evaluate_now = every(cfg.run.eval_every) and not done
                     hellaswag_now = every(cfg.run.hellaswag_every)
                     sample_now = (every(cfg.run.sample_every) if cfg.run.sample_every else evaluate_now) and not done
                     ckpt_now = every(cfg.run.ckpt_every) and not done
-                    stop_now = stop.requested or deadline.passed()
+                    stop_now = stop.requested or self.clock.passed()
                     if self.pending and not (done or evaluate_now or hellaswag_now or sample_now or ckpt_now or stop_now):
                         self.report.tick(self.step)
                         continue  # the values stay on the device until something needs them
@@ -147,21 +146,27 @@ class Trainer:
                     if not settled:
                         continue  # no evaluation or checkpoint in a spike streak: the weights are suspect
                     if evaluate_now:
-                        res.val_loss = self.evaluate()
+                        with self.clock.timing("eval"):
+                            res.val_loss = self.evaluate()
                     if hellaswag_now:
                         self.hellaswag()
                     if sample_now and self.samples_here:
-                        self.report.print(f"step {self.step:>6} | sample: {self.sample()!r}")
+                        with self.clock.timing("sample"):
+                            self.report.print(f"step {self.step:>6} | sample: {self.sample()!r}")
                     if ckpt_now:
-                        res.last_checkpoint = self.save()
+                        with self.clock.timing("checkpoint"):
+                            res.last_checkpoint = self.save()
                     if stop_now:
                         res.stopped = stop.reason if stop.requested else "time limit"
                         break
             res.val_loss = self.evaluate()
             res.last_checkpoint = self.save()
-            if res.stopped != "done":
+            ended = res.stopped in ("done", "time limit")  # a time budget's end is the run's planned end
+            if not ended:
                 self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
-            if self.samples_here and res.stopped == "done":
+            elif res.stopped == "time limit":
+                self.report.print(f"time budget reached after step {self.step} ({self.clock.describe()} before the final evaluation)")
+            if self.samples_here and ended:
                 sample = self.sample()
                 res.sample = sample if self.env.is_main else ""
         finally:
@@ -211,7 +216,7 @@ class Trainer:
         if read:
             synchronize(self.rt.device)
             t0 = time.perf_counter()
-        lr = lr_at(self.step, self.optim, cfg.run.max_steps) * self.lr_scale
+        lr = lr_at(self.step, self.optim, cfg.run.max_steps, self.clock.progress()) * self.lr_scale
         group_lrs = set_lr(self.optimizer, lr, self.optim)
         loss, grad_norm = self.forward_backward()
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
@@ -341,6 +346,7 @@ class Trainer:
         if self.guard is not None and state.get("spike_guard"):
             self.guard.load_state_dict(state["spike_guard"])
         self.step, self.lr_scale = int(state["step"]), float(state.get("lr_scale", 1.0))
+        self.clock.load_state_dict(state.get("clock"))  # the time already spent (not on a rollback)
         ckpt.restore_rng(state["rng"], self.env.rank, self.env.world_size, self.rt.device)  # each rank its own
 
     def train_state(self) -> dict:
@@ -358,6 +364,7 @@ class Trainer:
             "loader": loader_states,
             "spike_guard": self.guard.state_dict() if self.guard is not None else None,
             "lr_scale": self.lr_scale,
+            **({"clock": self.clock.state_dict()} if self.clock.on else {}),
             "gptforge_version": __version__,
         }
 
