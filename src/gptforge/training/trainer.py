@@ -47,7 +47,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
     val_loss: float | None = None
     last_checkpoint: Path | None = None
-    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit
+    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit (run.max_minutes: the planned end)
     sample: str = ""
 
 
@@ -126,6 +126,10 @@ class Trainer:
         """Step; log the rows read; evaluate, sample, checkpoint when due; stop when asked."""
         cfg, res = self.cfg, TrainResult()
         self.start()
+        if self.clock.on:
+            self.report.print(f"time budget {self.clock.budget / 60:g} min (run.max_minutes): the schedule runs by the clock, "
+                              f"{self.clock.elapsed():.1f} s spent before this step {self.step}; run.max_steps "
+                              + ("caps it" if self.max_steps < sys.maxsize else "does not cap it (not given)"))
         rows: list[dict] = []  # rows returned by train_step and not yet logged
         every = lambda n: bool(n) and self.step % n == 0  # noqa: E731
         try:
