@@ -48,10 +48,10 @@ class Deadline:
         return time.time() > self.end
 
 
-def process_start() -> float | None:
-    """When this process began, as a time.time() value (from Linux's /proc), else None."""
+def process_start(pid: int | str = "self") -> float | None:
+    """When process `pid` began, as a time.time() value (from Linux's /proc), else None."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
         uptime = float(Path("/proc/uptime").read_text().split()[0])
         return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
@@ -60,10 +60,12 @@ def process_start() -> float | None:
 
 def command_start() -> tuple[float, float]:
     """When the command began and the seconds its exit takes: the process's start and EXIT_S for
-    the gptforge CLI (the `gptforge` script, `python -m gptforge`, torchrun's `-m gptforge`), else
-    now and 0 (train() called from Python, which goes on after it)."""
+    the gptforge CLI (the `gptforge` script, `python -m gptforge`; under torchrun, `-m gptforge`'s
+    workers count from the launcher's start, their parent's), else now and 0 (train() called from
+    Python, which goes on after it)."""
     prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    started = process_start() if prog.name == "gptforge" or prog.parts[-2:] == ("gptforge", "__main__.py") else None
+    cli = prog.name == "gptforge" or prog.parts[-2:] == ("gptforge", "__main__.py")
+    started = process_start(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else "self") if cli else None
     return (time.time(), 0.0) if started is None else (started, EXIT_S)
 
 
