@@ -161,3 +161,19 @@ def test_resume_continues_the_clock(tmp_path, shards_dir, one_thread):
     assert wall == pytest.approx(6.0 - spent, abs=1.5), (wall, spent)  # the rest of the budget, not a fresh one
     final = torch.load(ckpt.latest_checkpoint(run) / "state.pt", weights_only=True)["clock"]["spent_s"]
     assert final == pytest.approx(6.0, abs=1.5)
+
+
+def test_progress_never_goes_back():
+    """Steps that get faster move the horizon out; the LR does not rise again."""
+    now = [0.0]
+    clock = Clock(1.0, started=0.0, timer=lambda: now[0])
+    for t in (0.0, 10.0, 20.0, 30.0):  # 10 s steps: horizon 50 s
+        now[0] = t
+        clock.progress()
+    assert clock.now_progress == pytest.approx(30 / 50)
+    seen = []
+    for i in range(1, 13):  # now 0.5 s steps: the horizon moves out towards 59.5 s
+        now[0] = 30.0 + 0.5 * i
+        seen.append(clock.progress())
+    assert clock.horizon() == pytest.approx(59.5) and now[0] / 59.5 < seen[-1]
+    assert all(a <= b for a, b in zip(seen, seen[1:]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import time
 from collections import deque
@@ -111,8 +110,9 @@ class Clock:
                       "sample": SAMPLE_TOKEN_S * sample_tokens, "checkpoint": checkpoint_bytes / CHECKPOINT_BYTES_S}
 
     def step_s(self) -> float:
-        """A step's duration: the median of the recent intervals (an evaluation's is an outlier)."""
-        return statistics.median(self.steps) if self.steps else 0.0
+        """A step's duration: the upper quartile of the recent intervals, which the one that held
+        an evaluation does not move and which errs long where the machine's load varies."""
+        return sorted(self.steps)[3 * len(self.steps) // 4] if self.steps else 0.0
 
     def reserve(self) -> float:
         """Seconds kept for the end: the final evaluation, checkpoint, sample, and the exit."""
@@ -135,7 +135,8 @@ class Clock:
         self.last = now
         horizon = self.horizon()
         p = self.elapsed(now) / horizon if horizon > 0 else math.inf
-        self.now_progress = self.agree(p)
+        # never back: a horizon that moves out (steps got faster) does not raise the LR again
+        self.now_progress = max(self.agree(p), self.now_progress or 0.0)
         return self.now_progress
 
     def passed(self) -> bool:
