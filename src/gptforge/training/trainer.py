@@ -130,6 +130,7 @@ class Trainer:
             self.report.print(f"time budget {self.clock.budget / 60:g} min (run.max_minutes): the schedule runs by the clock, "
                               f"{self.clock.elapsed():.1f} s spent before this step {self.step}; run.max_steps "
                               + ("caps it" if self.max_steps < sys.maxsize else "does not cap it (not given)"))
+            self.clock.costs.setdefault("eval", self.eval_probe())  # the reserve's largest part, measured
         rows: list[dict] = []  # rows returned by train_step and not yet logged
         every = lambda n: bool(n) and self.step % n == 0  # noqa: E731
         try:
@@ -302,6 +303,16 @@ class Trainer:
             self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens, **acc})
             self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
         return out["loss"]
+
+    def eval_probe(self) -> float:
+        """Seconds an evaluation of run.eval_tokens takes, from one validation batch timed (after
+        one untimed: warm-up); logs nothing. For the time budget's reserve (training/clock.py)."""
+        val, batch = self.val_loader, self.val_loader.B * self.val_loader.T
+        for _ in range(2):
+            t0 = time.perf_counter()
+            evaluate_loss(self.model, val, self.rt, max_tokens=batch)
+            seconds = time.perf_counter() - t0
+        return seconds * min(self.cfg.run.eval_tokens or val.num_tokens, val.num_tokens) / batch
 
     def hellaswag(self) -> None:
         if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
