@@ -60,3 +60,26 @@ def test_arguments_are_resolved_and_validated_together():
         resolve_args(BenchArgs(preset="nano", device="cpu", seq_len=65, skip=("turbo",)))
     with pytest.raises(GPTForgeError, match="unknown preset 'huge'"):
         resolve_args(BenchArgs(preset="huge", device="cpu"))
+
+
+def test_miniseries_fit_finds_the_vertex_and_the_power_law(monkeypatch):
+    """benchmarks/miniseries.py's fits: a parabola's vertex in ln N (Chinchilla's approach 2) and a
+    log-log line."""
+    import importlib.util
+    import math
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("miniseries", Path(__file__).parent.parent / "benchmarks" / "miniseries.py")
+    mini = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "miniseries", mini)  # its dataclass looks its module up there
+    spec.loader.exec_module(mini)
+    params = [1e5, 3e5, 1e6, 3e6]
+    bpb = [2.0 + 0.3 * (math.log(n) - math.log(5e5)) ** 2 for n in params]
+    n_opt, b_opt, inside = mini.fit_optimum(params, bpb)
+    assert n_opt == pytest.approx(5e5, rel=1e-6) and b_opt == pytest.approx(2.0) and inside
+    n_opt, _, inside = mini.fit_optimum(params, [3.0, 2.6, 2.3, 2.1])  # still falling: the vertex lies beyond
+    assert not inside
+    assert mini.fit_optimum(params[:2], [2.0, 1.9]) == (3e5, 1.9, False)  # two sizes: the better one
+    e, k = mini.power_law([1e12, 1e13, 1e14], [2e5, 2e5 * 10 ** 0.5, 2e6])
+    assert e == pytest.approx(0.5) and k * 1e12 ** 0.5 == pytest.approx(2e5)

@@ -94,6 +94,8 @@ def test_without_dials_nothing_changes():
      "run.max_steps and run.tokens_per_param each set the number of steps: give one"),
     (["--run.max_steps", "100", "--run.target_flops", "1e15"], "run.max_steps and run.target_flops"),
     (["--run.tokens_per_param", "20", "--run.target_flops", "1e15"], "give one"),
+    (["--run.max_minutes", "2", "--run.target_flops", "1e15"],
+     "run.max_minutes and run.target_flops each set the schedule's horizon: give one"),
     (["--optim.batch_tokens", "auto"], "optim.batch_tokens auto needs a token horizon"),
     (["--model.depth", "-1"], "model.depth must be >= 0"),
     (["--model.init_from", "gpt2", "--run.tokens_per_param", "20"], "run.tokens_per_param and model.init_from exclude"),

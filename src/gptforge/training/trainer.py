@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from gptforge.sampling import generate
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.build import build, saved_dials, wait_for_shards
+from gptforge.training.clock import Clock, Deadline, command_start, max_steps_binds  # noqa: F401 (Deadline: public name)
 from gptforge.training.metrics import Peaks, Reporter, device_name
 from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
@@ -46,7 +48,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
     val_loss: float | None = None
     last_checkpoint: Path | None = None
-    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit | dry run
+    stopped: str = "done"  # done | interrupted (Ctrl-C) | terminated (SIGTERM) | time limit (run.max_minutes: the planned end) | dry run
     sample: str = ""
 
 
@@ -86,20 +88,15 @@ class StopRequest:
             signal.signal(s, previous)
 
 
-class Deadline:
-    """run.max_minutes from now (0: none)."""
-
-    def __init__(self, minutes: float):
-        self.end = time.time() + minutes * 60 if minutes else math.inf
-
-    def passed(self) -> bool:
-        return time.time() > self.end
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
+        self.clock = Clock(cfg.run.max_minutes, *command_start())  # run.max_minutes: the schedule's horizon
+        binds = max_steps_binds(cfg.explicit, cfg.resolved, cfg.run.max_minutes)
         b = build(cfg, resume, progress)
+        if self.clock.on:
+            cfg.resolved["max_steps_binds"] = binds
+        self.max_steps = cfg.run.max_steps if binds else sys.maxsize
         self.env, self.rt, self.run_dir, self.resume_from = b.env, b.rt, b.run_dir, b.resume_from
         self.tokenizer, self.model, self.train_model, self.seq_len = b.tokenizer, b.model, b.train_model, b.seq_len
         self.optimizer, self.optim, self.scaler, self.head_choice = b.optimizer, b.optim, b.scaler, b.head_choice
@@ -116,11 +113,14 @@ class Trainer:
             self.restore(self.resume_from)
         wait_for_shards(b.shard_check, self.env, self.rt.device)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.clock.expect(min(cfg.run.eval_tokens or self.val_loader.num_tokens, self.val_loader.num_tokens),
+                          self.plan.batch_tokens, cfg.run.sample_tokens if self.samples_here else 0,
+                          self.model.num_params() * 4 * 3)  # weights and two moments
         self.peaks = Peaks(self.rt, cfg.run.peak_tflops)
         tracker = None
         if self.env.is_main and cfg.run.log != "none":
             tracker = make_tracker(cfg.run.log, self.run_dir, cfg.record(), cfg.run.project, cfg.run.name or self.run_dir.name)
-        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps, tracker, progress,
+        self.report = Reporter(self.run_dir, self.env.is_main, self.step, cfg.run.max_steps if binds else None, tracker, progress,
                                resumed=self.resume_from is not None)
 
     # ----------------------------------------------------------------- the loop
@@ -128,19 +128,23 @@ class Trainer:
         """Step; log the rows read; evaluate, sample, checkpoint when due; stop when asked."""
         cfg, res = self.cfg, TrainResult()
         self.start()
-        deadline = Deadline(cfg.run.max_minutes)
+        if self.clock.on:
+            self.report.print(f"time budget {self.clock.budget / 60:g} min (run.max_minutes): the schedule runs by the clock, "
+                              f"{self.clock.elapsed():.1f} s spent before this step {self.step}; run.max_steps "
+                              + ("caps it" if self.max_steps < sys.maxsize else "does not cap it (not given)"))
+            self.clock.costs.setdefault("eval", self.eval_probe())  # the reserve's largest part, measured
         rows: list[dict] = []  # rows returned by train_step and not yet logged
         every = lambda n: bool(n) and self.step % n == 0  # noqa: E731
         try:
             with StopRequest() as stop:
-                while self.step < cfg.run.max_steps:
+                while self.step < self.max_steps:
                     rows.append(self.train_step())
-                    done = self.step >= cfg.run.max_steps
+                    done = self.step >= self.max_steps
                     evaluate_now = every(cfg.run.eval_every) and not done
                     hellaswag_now = every(cfg.run.hellaswag_every)
                     sample_now = (every(cfg.run.sample_every) if cfg.run.sample_every else evaluate_now) and not done
                     ckpt_now = every(cfg.run.ckpt_every) and not done
-                    stop_now = stop.requested or deadline.passed()
+                    stop_now = stop.requested or self.clock.passed()
                     if self.pending and not (done or evaluate_now or hellaswag_now or sample_now or ckpt_now or stop_now):
                         self.report.tick(self.step)
                         continue  # the values stay on the device until something needs them
@@ -149,21 +153,27 @@ class Trainer:
                     if not settled:
                         continue  # no evaluation or checkpoint in a spike streak: the weights are suspect
                     if evaluate_now:
-                        res.val_loss = self.evaluate()
+                        with self.clock.timing("eval"):
+                            res.val_loss = self.evaluate()
                     if hellaswag_now:
                         self.hellaswag()
                     if sample_now and self.samples_here:
-                        self.report.print(f"step {self.step:>6} | sample: {self.sample()!r}")
+                        with self.clock.timing("sample"):
+                            self.report.print(f"step {self.step:>6} | sample: {self.sample()!r}")
                     if ckpt_now:
-                        res.last_checkpoint = self.save()
+                        with self.clock.timing("checkpoint"):
+                            res.last_checkpoint = self.save()
                     if stop_now:
                         res.stopped = stop.reason if stop.requested else "time limit"
                         break
             res.val_loss = self.evaluate()
             res.last_checkpoint = self.save()
-            if res.stopped != "done":
+            ended = res.stopped in ("done", "time limit")  # a time budget's end is the run's planned end
+            if not ended:
                 self.report.print(f"stopped ({res.stopped}) after step {self.step}; resume with --resume auto")
-            if self.samples_here and res.stopped == "done":
+            elif res.stopped == "time limit":
+                self.report.print(f"time budget reached after step {self.step} ({self.clock.describe()} before the final evaluation)")
+            if self.samples_here and ended:
                 sample = self.sample()
                 res.sample = sample if self.env.is_main else ""
         finally:
@@ -213,7 +223,7 @@ class Trainer:
         if read:
             synchronize(self.rt.device)
             t0 = time.perf_counter()
-        lr = lr_at(self.step, self.optim, cfg.run.max_steps) * self.lr_scale
+        lr = lr_at(self.step, self.optim, cfg.run.max_steps, self.clock.progress()) * self.lr_scale
         group_lrs = set_lr(self.optimizer, lr, self.optim)
         loss, grad_norm = self.forward_backward()
         row = {"step": self.step, "tokens": (self.step + 1) * plan.batch_tokens, "lr": lr}
@@ -296,6 +306,16 @@ class Trainer:
             self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
         return out["loss"]
 
+    def eval_probe(self) -> float:
+        """Seconds an evaluation of run.eval_tokens takes, from one validation batch timed (after
+        one untimed: warm-up); logs nothing. For the time budget's reserve (training/clock.py)."""
+        val, batch = self.val_loader, self.val_loader.B * self.val_loader.T
+        for _ in range(2):
+            t0 = time.perf_counter()
+            evaluate_loss(self.model, val, self.rt, max_tokens=batch)
+            seconds = time.perf_counter() - t0
+        return seconds * min(self.cfg.run.eval_tokens or val.num_tokens, val.num_tokens) / batch
+
     def hellaswag(self) -> None:
         if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
             self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
@@ -343,6 +363,7 @@ class Trainer:
         if self.guard is not None and state.get("spike_guard"):
             self.guard.load_state_dict(state["spike_guard"])
         self.step, self.lr_scale = int(state["step"]), float(state.get("lr_scale", 1.0))
+        self.clock.load_state_dict(state.get("clock"))  # the time already spent (not on a rollback)
         ckpt.restore_rng(state["rng"], self.env.rank, self.env.world_size, self.rt.device)  # each rank its own
 
     def train_state(self) -> dict:
@@ -360,6 +381,7 @@ class Trainer:
             "loader": loader_states,
             "spike_guard": self.guard.state_dict() if self.guard is not None else None,
             "lr_scale": self.lr_scale,
+            **({"clock": self.clock.state_dict()} if self.clock.on else {}),
             "gptforge_version": __version__,
         }
 
