@@ -297,8 +297,8 @@ OOM_IN_BACKWARD = """
     forward, armed = M.Block.forward, [True]
 
 
-    def block_forward(self, x, kv_cache=None):
-        out = forward(self, x, kv_cache)
+    def block_forward(self, x, kv_cache=None, ve=None):
+        out = forward(self, x, kv_cache, ve)
         # the first block of the first trial (the whole per-rank batch of 8), on both ranks: backward
         # fails after the last block's backward has run and the first block has been gathered
         if armed[0] and torch.is_grad_enabled() and x.size(0) == 8:

@@ -185,7 +185,7 @@ def test_absurd_lr_rolls_back_with_a_smaller_lr(tmp_path, shards_dir, monkeypatc
     LR scaled by spike_lr_factor (1e-5 here: back to sane), and the run finishes with finite losses."""
     run = tmp_path / "run"
     real_lr_at = trainer_mod.lr_at
-    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps: real_lr_at(step, args, max_steps) * (1e5 if step >= 6 else 1))
+    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps, progress=None: real_lr_at(step, args, max_steps, progress) * (1e5 if step >= 6 else 1))
     cfg = guarded_cfg(run, shards_dir, **{"run.max_steps": 14, "run.ckpt_every": 3, "optim.spike_window": "6",
                                           "optim.spike_lr_factor": "1e-5"})
     trainer = Trainer(cfg, progress=False)
@@ -219,7 +219,7 @@ def test_repeated_spikes_without_a_checkpoint_stop_cleanly(tmp_path, shards_dir,
 
     run = tmp_path / "run"
     real_lr_at = trainer_mod.lr_at
-    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps: real_lr_at(step, args, max_steps) * (1e5 if step >= 4 else 1))
+    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps, progress=None: real_lr_at(step, args, max_steps, progress) * (1e5 if step >= 4 else 1))
     trainer = Trainer(guarded_cfg(run, shards_dir, **{"run.max_steps": 12, "run.ckpt_every": 0,
                                                       "optim.spike_window": "4"}), progress=False)
     with pytest.raises(GPTForgeError, match=r"consecutive loss spikes at step \d+ and no checkpoint to roll back to"):
@@ -232,7 +232,7 @@ def test_log_every_changes_nothing_the_guard_does(tmp_path, shards_dir, monkeypa
     update whatever log_every says, so a user sees the same skipped steps (7..9) and reasons, the
     same rollback, the same losses and final weights, bitwise; only the rows logged differ."""
     real_lr_at = trainer_mod.lr_at
-    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps: real_lr_at(step, args, max_steps) * (1e5 if step >= 6 else 1))
+    monkeypatch.setattr(trainer_mod, "lr_at", lambda step, args, max_steps, progress=None: real_lr_at(step, args, max_steps, progress) * (1e5 if step >= 6 else 1))
     runs = {}
     for log_every in (1, 5):
         run = tmp_path / f"log{log_every}"
