@@ -45,6 +45,7 @@ CHINCHILLA = 20.0  # tokens per parameter (Hoffmann et al. 2022)
 @dataclass
 class Run:
     depth: int
+    aspect: int  # model.aspect_ratio: width per layer
     budget: float
     params: int  # N: parameters less the embedding lookups (GPT.num_params(non_embedding=True))
     flops_per_token: float
@@ -55,6 +56,11 @@ class Run:
     def tokens(self) -> float:
         return self.budget / self.flops_per_token
 
+    @property
+    def shape(self) -> str:
+        """d3 (width 64 per layer, the dial's default), or d3a32 for another aspect ratio."""
+        return f"d{self.depth}" if self.aspect == 64 else f"d{self.depth}a{self.aspect}"
+
 
 def has_depth_flag() -> bool:
     """Whether this gptforge has --model.depth (width and heads derived from it)."""
@@ -63,25 +69,27 @@ def has_depth_flag() -> bool:
     return "depth" in {f.name for f in fields(ModelArgs)}
 
 
-def shape_flags(depth: int, explicit: bool) -> list[str]:
+def shape_flags(depth: int, explicit: bool, aspect_ratio: int = 64, head_dim: int = 64) -> list[str]:
     if not explicit:
-        return ["--model.depth", str(depth)]
-    return ["--model.n_layer", str(depth), "--model.n_embd", str(64 * depth), "--model.n_head", str(depth)]
+        return ["--model.depth", str(depth), "--model.aspect_ratio", str(aspect_ratio), "--model.head_dim", str(head_dim)]
+    width = -(-depth * aspect_ratio // head_dim) * head_dim  # rounded up to whole heads, as model.depth does
+    return ["--model.n_layer", str(depth), "--model.n_embd", str(width), "--model.n_head", str(width // head_dim)]
 
 
-def model_flags(depth: int, args) -> list[str]:
-    return ["--model.preset", "mini", "--model.arch", "modern", *shape_flags(depth, args.explicit_shape),
+def model_flags(depth: int, aspect: int, args) -> list[str]:
+    return ["--model.preset", "mini", "--model.arch", "modern",
+            *shape_flags(depth, args.explicit_shape, aspect, min(args.head_dim, aspect)),
             "--data.seq_len", str(args.seq_len)]
 
 
-def size_of(depth: int, args, vocab: int) -> tuple[int, float]:
+def size_of(depth: int, aspect: int, args, vocab: int) -> tuple[int, float]:
     """(N, flops_per_token) of depth d as the trainer will build it (on the meta device: no memory)."""
     import torch
 
     from gptforge import config as C
     from gptforge.model import GPT
 
-    flags = model_flags(depth, args)
+    flags = model_flags(depth, aspect, args)
     cfg = C.resolve(None, [(flags[i][2:], flags[i + 1]) for i in range(0, len(flags), 2)])
     with torch.device("meta"):
         model = GPT(cfg.model.gpt_config(vocab_size=vocab))
@@ -90,11 +98,15 @@ def size_of(depth: int, args, vocab: int) -> tuple[int, float]:
 
 def plan(args, vocab: int) -> list[Run]:
     runs = []
-    for d in args.depths:
-        n, fpt = size_of(d, args, vocab)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else \
+        [(d, a) for a in args.aspect_ratio for d in args.depths]
+    for d, a in shapes:
+        n, fpt = size_of(d, a, args, vocab)
         for c in args.budgets:
             steps = max(1, round(c / (fpt * args.batch_tokens)))
-            runs.append(Run(d, c, n, fpt, steps, f"d{d}-c{c:.2g}".replace("+", "")))
+            run = Run(d, a, c, n, fpt, steps, "")
+            run.name = f"{run.shape}-c{c:.2g}".replace("+", "")
+            runs.append(run)
     return runs
 
 
@@ -113,7 +125,7 @@ def train(run: Run, data: Path, args, env: dict) -> Path:
     if (run_dir / "done.json").exists():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    flags = [*model_flags(run.depth, args), "--optim.batch_tokens", str(args.batch_tokens),
+    flags = [*model_flags(run.depth, run.aspect, args), "--optim.batch_tokens", str(args.batch_tokens),
              "--run.max_steps", str(run.steps), "--optim.warmup_steps", str(max(1, min(args.warmup, run.steps // 5))),
              "--run.eval_every", "0", "--run.eval_tokens", str(args.eval_tokens), "--run.ckpt_every", "0",
              "--run.sample_tokens", "0", *args.extra]
@@ -170,7 +182,7 @@ def analyse(runs: list[Run], bpb: dict[str, float]) -> list[dict]:
         d_opt = c / fpt
         best = min(rs, key=lambda r: bpb[r.name])
         out.append({"budget": c, "n_opt": n_opt, "d_opt": d_opt, "ratio": d_opt / n_opt, "bpb": b_opt,
-                    "inside": inside, "best_depth": best.depth})
+                    "inside": inside, "best_shape": best.shape})
     return out
 
 
@@ -178,20 +190,20 @@ def report(runs: list[Run], bpb: dict[str, float], args) -> list[dict]:
     from gptforge.measure import cpu_model_name
 
     opt = analyse(runs, bpb)
-    depths = sorted({r.depth for r in runs})
+    shapes = sorted({r.shape for r in runs}, key=lambda s: next(r.params for r in runs if r.shape == s))
     print(f"\n{cpu_model_name()} ({os.cpu_count()} cores); modern recipe, seq {args.seq_len}, "
           f"batch {args.batch_tokens:,} tokens, BPE {args.vocab}; final val bits per byte\n")
-    print("| FLOPs | " + " | ".join(f"d{d} (N {next(r.params for r in runs if r.depth == d) / 1e6:.2f}M)" for d in depths) + " |")
-    print("|---|" + "---|" * len(depths))
+    print("| FLOPs | " + " | ".join(f"{s} (N {next(r.params for r in runs if r.shape == s) / 1e6:.3f}M)" for s in shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
     for c in sorted({r.budget for r in runs}):
         cells = [next((f"{bpb[r.name]:.4f} ({r.tokens / r.params:.1f} tok/N)" for r in runs
-                       if r.depth == d and r.budget == c), "-") for d in depths]
+                       if r.shape == s and r.budget == c), "-") for s in shapes]
         print(f"| {c:.1e} | " + " | ".join(cells) + " |")
-    print("\n| FLOPs | best depth | N_opt (fit) | D_opt tokens | D_opt / N_opt | val bpb at N_opt |")
+    print("\n| FLOPs | best size tried | N_opt (fit) | D_opt tokens | D_opt / N_opt | val bpb at N_opt |")
     print("|---|---|---|---|---|---|")
     for o in opt:
-        mark = "" if o["inside"] else " (outside the depths tried)"
-        print(f"| {o['budget']:.1e} | d{o['best_depth']} | {o['n_opt'] / 1e6:.3f}M{mark} | {o['d_opt'] / 1e6:.2f}M | "
+        mark = "" if o["inside"] else " (outside the sizes tried)"
+        print(f"| {o['budget']:.1e} | {o['best_shape']} | {o['n_opt'] / 1e6:.3f}M{mark} | {o['d_opt'] / 1e6:.2f}M | "
               f"{o['ratio']:.1f} | {o['bpb']:.4f} |")
     if len(opt) >= 2:
         a, ka = power_law([o["budget"] for o in opt], [o["n_opt"] for o in opt])
@@ -210,9 +222,9 @@ def plot(runs: list[Run], bpb: dict[str, float], opt: list[dict], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for d in sorted({r.depth for r in runs}):
-        rs = sorted((r for r in runs if r.depth == d), key=lambda r: r.budget)
-        left.plot([r.budget for r in rs], [bpb[r.name] for r in rs], "o-", label=f"d{d} ({rs[0].params / 1e6:.2f}M)")
+    for s in sorted({r.shape for r in runs}, key=lambda s: next(r.params for r in runs if r.shape == s)):
+        rs = sorted((r for r in runs if r.shape == s), key=lambda r: r.budget)
+        left.plot([r.budget for r in rs], [bpb[r.name] for r in rs], "o-", label=f"{s} ({rs[0].params / 1e6:.3f}M)")
     left.plot([o["budget"] for o in opt], [o["bpb"] for o in opt], "k*--", ms=12, label="fitted optimum")
     left.set(xscale="log", xlabel="training FLOPs", ylabel="final val bits per byte", title="val bpb vs compute")
     left.legend(fontsize=8)
@@ -238,6 +250,10 @@ def main() -> None:
     # at CPU scale the optimum lies near d1-d2: d1 at the smallest budget already sees ~25 tokens
     # per parameter, d3 at the largest ~1 (the grid brackets the optimum; ~22 min at 60 GFLOP/s)
     p.add_argument("--depths", type=int, nargs="*", default=[1, 2, 3])
+    p.add_argument("--aspect-ratio", type=int, nargs="*", default=[64],
+                   help="width per layer (model.aspect_ratio), one or more (each with every depth); heads are min(head_dim, it) wide")
+    p.add_argument("--shapes", nargs="*", default=None, help="DEPTHxASPECT pairs instead of depths x aspect ratios, e.g. 1x64 2x32 3x32")
+    p.add_argument("--head-dim", type=int, default=64, help="model.head_dim")
     p.add_argument("--budgets", type=float, nargs="*", default=[2.5e12, 6e12, 1.5e13], help="training FLOPs of each run")
     p.add_argument("--vocab", type=int, default=1024, help="the BPE trained on the corpus (a small head keeps d1 small)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -274,7 +290,7 @@ def main() -> None:
     opt = report(runs, bpb, args)
     path = args.plot or args.out / "miniseries.png"
     plot(runs, bpb, opt, path)
-    (args.out / "fit.json").write_text(json.dumps({"runs": {r.name: {"depth": r.depth, "budget": r.budget, "params": r.params,
+    (args.out / "fit.json").write_text(json.dumps({"runs": {r.name: {"depth": r.depth, "aspect_ratio": r.aspect, "budget": r.budget, "params": r.params,
                                                                      "steps": r.steps, "val_bpb": bpb[r.name]} for r in runs},
                                                    "optima": opt}, indent=1) + "\n")
     print(f"\nplot: {path}; fit: {args.out / 'fit.json'}")
