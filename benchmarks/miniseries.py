@@ -150,19 +150,19 @@ def final_bpb(run_dir: Path) -> float:
 
 
 def fit_optimum(params: list[float], bpb: list[float]) -> tuple[float, float, bool]:
-    """Chinchilla's approach 2 for one budget: a parabola of val bpb against ln N; returns
-    (N at its vertex, bpb there, whether the vertex lies within the sizes tried). With fewer than
-    three sizes, or a parabola that opens downwards, the best size tried (and False)."""
+    """Chinchilla's approach 2 for one budget: the vertex of a parabola of val bpb against ln N
+    through the best size tried and its two neighbours (a parabola through every size would be
+    pulled by the far ones: the curve is no parabola that far from its minimum); returns (N at the
+    vertex, bpb there, whether the optimum is bracketed). Where the best size is the smallest or
+    the largest tried (the optimum lies beyond), or fewer than three sizes: the best size tried
+    (and False)."""
     x, y = np.log(np.asarray(params, float)), np.asarray(bpb, float)
     best = int(np.argmin(y))
-    if len(x) < 3:
+    if len(x) < 3 or best in (0, len(x) - 1):
         return float(params[best]), float(y[best]), False
-    a, b, c = np.polyfit(x, y, 2)
-    if a <= 0:
-        return float(params[best]), float(y[best]), False
-    xv = -b / (2 * a)
-    inside = bool(x.min() <= xv <= x.max())
-    return float(math.exp(xv)), float(c - b * b / (4 * a)), inside
+    a, b, c = np.polyfit(x[best - 1:best + 2], y[best - 1:best + 2], 2)
+    xv = -b / (2 * a)  # a > 0: the middle point is the lowest of the three
+    return float(math.exp(xv)), float(c - b * b / (4 * a)), True
 
 
 def power_law(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -205,13 +205,19 @@ def report(runs: list[Run], bpb: dict[str, float], args) -> list[dict]:
         mark = "" if o["inside"] else " (outside the sizes tried)"
         print(f"| {o['budget']:.1e} | {o['best_shape']} | {o['n_opt'] / 1e6:.3f}M{mark} | {o['d_opt'] / 1e6:.2f}M | "
               f"{o['ratio']:.1f} | {o['bpb']:.4f} |")
-    if len(opt) >= 2:
-        a, ka = power_law([o["budget"] for o in opt], [o["n_opt"] for o in opt])
-        b, kb = power_law([o["budget"] for o in opt], [o["d_opt"] for o in opt])
-        ratios = [o["ratio"] for o in opt]
-        print(f"\nN_opt ~ C^{a:.2f}, D_opt ~ C^{b:.2f} (Chinchilla: 0.50, 0.50); tokens per parameter at the optimum "
-              f"{min(ratios):.1f}..{max(ratios):.1f}, geometric mean {math.exp(np.mean(np.log(ratios))):.1f} "
-              f"(Chinchilla {CHINCHILLA:g})")
+    inside = [o for o in opt if o["inside"]]  # an optimum beyond the sizes tried is only a bound
+    ratios = [o["ratio"] for o in inside]
+    if len(inside) >= 2:
+        a, ka = power_law([o["budget"] for o in inside], [o["n_opt"] for o in inside])
+        b, kb = power_law([o["budget"] for o in inside], [o["d_opt"] for o in inside])
+        print(f"\nover the {len(inside)} bracketed budgets: N_opt ~ C^{a:.2f}, D_opt ~ C^{b:.2f} (Chinchilla: 0.50, 0.50); "
+              f"tokens per parameter at the optimum {min(ratios):.1f}..{max(ratios):.1f}, geometric mean "
+              f"{math.exp(np.mean(np.log(ratios))):.1f} (Chinchilla {CHINCHILLA:g})")
+    elif inside:
+        print(f"\none bracketed budget ({inside[0]['budget']:.1e} FLOPs): {ratios[0]:.1f} tokens per parameter at the "
+              f"optimum (Chinchilla {CHINCHILLA:g}); a power law needs two: add sizes or budgets")
+    else:
+        print("\nno budget's optimum is bracketed by the sizes tried: add smaller or larger sizes")
     return opt
 
 
@@ -225,7 +231,8 @@ def plot(runs: list[Run], bpb: dict[str, float], opt: list[dict], path: Path) ->
     for s in sorted({r.shape for r in runs}, key=lambda s: next(r.params for r in runs if r.shape == s)):
         rs = sorted((r for r in runs if r.shape == s), key=lambda r: r.budget)
         left.plot([r.budget for r in rs], [bpb[r.name] for r in rs], "o-", label=f"{s} ({rs[0].params / 1e6:.3f}M)")
-    left.plot([o["budget"] for o in opt], [o["bpb"] for o in opt], "k*--", ms=12, label="fitted optimum")
+    inside = [o for o in opt if o["inside"]]
+    left.plot([o["budget"] for o in inside], [o["bpb"] for o in inside], "k*--", ms=12, label="fitted optimum (bracketed)")
     left.set(xscale="log", xlabel="training FLOPs", ylabel="final val bits per byte", title="val bpb vs compute")
     left.legend(fontsize=8)
     for o in opt:

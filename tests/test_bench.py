@@ -63,7 +63,8 @@ def test_arguments_are_resolved_and_validated_together():
 
 
 def test_miniseries_fit_finds_the_vertex_and_the_power_law(monkeypatch):
-    """benchmarks/miniseries.py's fits: a parabola's vertex in ln N (Chinchilla's approach 2) and a
+    """benchmarks/miniseries.py's fits: a parabola's vertex in ln N (Chinchilla's approach 2) through
+    the best size and its neighbours, not pulled by far sizes; an optimum at the edge is not one; a
     log-log line."""
     import importlib.util
     import math
@@ -79,7 +80,13 @@ def test_miniseries_fit_finds_the_vertex_and_the_power_law(monkeypatch):
     n_opt, b_opt, inside = mini.fit_optimum(params, bpb)
     assert n_opt == pytest.approx(5e5, rel=1e-6) and b_opt == pytest.approx(2.0) and inside
     n_opt, _, inside = mini.fit_optimum(params, [3.0, 2.6, 2.3, 2.1])  # still falling: the vertex lies beyond
-    assert not inside
+    assert not inside and n_opt == 3e6
+    # far sizes off the parabola (a flattening tail) do not move the vertex fitted near the minimum
+    wide = [3e4, 1e5, 3e5, 1e6, 3e6, 1e7]
+    near = [2.0 + 0.3 * (math.log(n) - math.log(5e5)) ** 2 for n in wide]
+    near[0], near[-1] = 2.5, 2.6
+    n_opt, _, inside = mini.fit_optimum(wide, near)
+    assert inside and 3e5 < n_opt < 1e6
     assert mini.fit_optimum(params[:2], [2.0, 1.9]) == (3e5, 1.9, False)  # two sizes: the better one
     e, k = mini.power_law([1e12, 1e13, 1e14], [2e5, 2e5 * 10 ** 0.5, 2e6])
     assert e == pytest.approx(0.5) and k * 1e12 ** 0.5 == pytest.approx(2e5)
