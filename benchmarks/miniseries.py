@@ -238,14 +238,15 @@ def plot(runs: list[Run], bpb: dict[str, float], opt: list[dict], path: Path) ->
     for o in opt:
         rs = sorted((r for r in runs if r.budget == o["budget"]), key=lambda r: r.params)
         x, y = [r.params for r in rs], [bpb[r.name] for r in rs]
-        (line,) = right.plot(x, y, "o", label=f"{o['budget']:.0e} FLOPs")
-        if len(x) >= 3:
-            coef = np.polyfit(np.log(x), y, 2)
-            xs = np.exp(np.linspace(np.log(min(x)), np.log(max(x)), 50))
-            right.plot(xs, np.polyval(coef, np.log(xs)), "-", color=line.get_color(), alpha=0.6)
-        right.plot([o["n_opt"]], [o["bpb"]], "*", color=line.get_color(), ms=12)
+        (line,) = right.plot(x, y, "o-", alpha=0.5, label=f"{o['budget']:.2g} FLOPs")
+        if o["inside"]:  # the parabola fit_optimum drew: through the best size and its neighbours
+            best = int(np.argmin(y))
+            coef = np.polyfit(np.log(x[best - 1:best + 2]), y[best - 1:best + 2], 2)
+            xs = np.exp(np.linspace(np.log(x[best - 1]), np.log(x[best + 1]), 50))
+            right.plot(xs, np.polyval(coef, np.log(xs)), "-", color=line.get_color())
+            right.plot([o["n_opt"]], [o["bpb"]], "*", color=line.get_color(), ms=12)
     right.set(xscale="log", xlabel="parameters N (less embeddings)", ylabel="final val bits per byte",
-              title="isoFLOP curves (parabola in log N; star: optimum)")
+              title="isoFLOP curves (star: parabola through the best 3)")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
