@@ -37,16 +37,6 @@ CHECKPOINT_BYTES_S = 200e6  # write speed assumed until a checkpoint is measured
 EVAL_COST = 1 / 3  # an evaluated token's cost relative to a trained one (forward only)
 
 
-class Deadline:
-    """run.max_minutes from now (0: none): a plain stop, without the schedule (see Clock)."""
-
-    def __init__(self, minutes: float):
-        self.end = time.time() + minutes * 60 if minutes else math.inf
-
-    def passed(self) -> bool:
-        return time.time() > self.end
-
-
 def process_start(pid: int | str = "self") -> float | None:
     """When process `pid` began, as a time.time() value (from Linux's /proc), else None."""
     try:

@@ -32,10 +32,11 @@ from gptforge.eval.downstream import evaluate_loop_tasks
 from gptforge.eval.hellaswag import download_hellaswag, evaluate_hellaswag
 from gptforge.eval.perplexity import evaluate_loss
 from gptforge.sampling import generate
+from gptforge.tokenizer import N_VOCAB, parse_train
 from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.build import build, saved_dials, wait_for_shards
-from gptforge.training.clock import Clock, Deadline, command_start, max_steps_binds  # noqa: F401 (Deadline: public name)
+from gptforge.training.clock import Clock, command_start, max_steps_binds
 from gptforge.training.metrics import Peaks, Reporter, device_name
 from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
@@ -480,7 +481,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 def dry_run(cfg: TrainConfig, resume: str | None = None) -> str:
     """run.dry_run: the model and every derived value, from the config alone (the vocabulary from
     data.tokenizer, or data.dir's manifest): no data prepared, no weights, nothing written."""
-    tok = cfg.data.tokenizer
-    vocab = data_tokenizer(cfg.data.dir).vocab_size if cfg.data.dir else 50257 if tok == "gpt2" else int(tok[len("train:"):])
+    vocab = data_tokenizer(cfg.data.dir).vocab_size if cfg.data.dir else parse_train(cfg.data.tokenizer) or N_VOCAB
     resume_from = ckpt.resolve_resume(resume, Path(cfg.run.dir)) if resume else None
     return dials.preview(cfg, vocab, distrib.DistEnv.from_env().world_size, saved=saved_dials(resume_from))
