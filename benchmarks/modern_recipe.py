@@ -68,7 +68,17 @@ ABLATIONS = {
     "resid and x0 lambdas": ["--model.resid_lambdas", "true", "--model.x0_lambdas", "true"],
     "smear": ["--model.smear", "true"],
     "backout": ["--model.backout", "true"],
-    "nanochat's architecture (all of the above, relu2, softcap 15)": [
+    # Muon's variants (training/muon.py), each alone; nanochat's Muon has them all
+    "muon polar express": ["--optim.muon_ns", "polar_express"],
+    "muon normuon": ["--optim.muon_normuon", "true"],
+    "muon weight decay 0.1": ["--optim.muon_weight_decay", "0.1"],
+    "muon weight decay 0.1, cautious": ["--optim.muon_weight_decay", "0.1", "--optim.muon_cautious_wd", "true"],
+    "muon split q/k/v and gate/up": ["--optim.muon_split", "true"],
+    "muon momentum warmup 100": ["--optim.muon_momentum_warmup", "100"],
+    "nanochat's muon (polar express, normuon, split, momentum warmup)": [
+        "--optim.muon_ns", "polar_express", "--optim.muon_normuon", "true", "--optim.muon_split", "true",
+        "--optim.muon_momentum_warmup", "100"],
+    "nanochat's architecture (the switches above, relu2, softcap 15)": [
         "--model.norm_gain", "false", "--model.embed_norm", "true", "--model.value_embeds", "alternate",
         "--model.resid_lambdas", "true", "--model.x0_lambdas", "true", "--model.smear", "true",
         "--model.backout", "true", "--model.mlp", "relu2", "--model.softcap", "15"],

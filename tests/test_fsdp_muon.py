@@ -78,7 +78,8 @@ VARIANTS = {**MUON, "run.max_steps": 6, "run.ckpt_every": 3, "optim.muon_ns": "p
 
 
 @pytest.mark.parametrize("variant", [[], ["optim.muon_ns=polar_express", "optim.muon_normuon=true",
-                                          "optim.muon_cautious_wd=true", "optim.muon_momentum_warmup=2"]])
+                                          "optim.muon_cautious_wd=true", "optim.muon_momentum_warmup=2",
+                                          "optim.muon_split=true"]])
 def test_a_step_on_fsdp_shards_is_the_one_process_step_bitwise(tmp_path, variant):
     """The same full gradients on both sides: 3 steps of MuonAdamW on FSDP2 row shards (2 ranks) give
     the one-process parameters bit for bit, every Muon matrix orthogonalized whole."""

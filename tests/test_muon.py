@@ -557,3 +557,31 @@ def test_no_variant_keeps_the_banner_and_state_of_torch_muon():
     opt = make_optimizer(untied_nano(), muon_args(), CPU, "muon")
     assert opt.muon.variant == M.MuonVariant() and describe(opt, muon_args()).split(" | ")[0].endswith("adjust_lr original")
     assert M.NS_COEFFICIENTS == (3.4445, -4.775, 2.0315) and M.NS_STEPS == 5 and M.EPS == 1e-7  # read from torch.optim.Muon
+
+
+def test_split_treats_each_stacked_matrix_as_its_own_parameter_of_torch_muon():
+    """optim.muon_split: a step on the modern model's fused c_attn (q, k, v) and SwiGLU c_fc (gate, up)
+    equals torch.optim.Muon stepping each stacked matrix as a separate parameter (own orthogonalization,
+    own shape's lr adjustment) with the same gradients, 3 steps bit for bit; the others unchanged."""
+    torch.manual_seed(0)
+    model = GPT(preset("nano", recipe="modern"))
+    args = muon_args(muon_split=True, muon_lr=0.03, muon_weight_decay=0.05)
+    opt = make_optimizer(model, args, CPU, "muon")
+    assert "split fused matrices" in describe(opt, args)
+    fused = model.fused_matrices()
+    assert fused["transformer.h.0.attn.c_attn.weight"] == 3 and fused["transformer.h.0.mlp.c_fc.weight"] == 2
+    mats = {n: p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    # the reference: each block a leaf of its own, updated by torch.optim.Muon
+    blocks = {n: [b.detach().clone().requires_grad_() for b in p.detach().chunk(fused.get(n, 1))] for n, p in mats.items()}
+    ref = torch.optim.Muon([b for bs in blocks.values() for b in bs], lr=0.03, momentum=0.95, weight_decay=0.05)
+    for step in range(3):
+        x = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(step))
+        model.zero_grad(set_to_none=True)
+        model(x, x)[1].backward()
+        for n, p in mats.items():
+            for b, g in zip(blocks[n], p.grad.chunk(fused.get(n, 1))):
+                b.grad = g.clone()
+        opt.step()
+        ref.step()
+        for n, p in mats.items():
+            assert torch.equal(p.detach(), torch.cat([b.detach() for b in blocks[n]])), (n, step)

@@ -536,6 +536,16 @@ class GPT(nn.Module):
         """The LM head is the token embedding (one Parameter)."""
         return self.lm_head.weight is self.transformer.wte.weight
 
+    def fused_matrices(self) -> dict[str, int]:
+        """Parameter name -> the number of matrices it stacks by rows: attention's c_attn holds
+        q, k and v; SwiGLU's c_fc holds gate and up (optim.muon_split treats each on its own)."""
+        out = {}
+        for i in range(self.config.n_layer):
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = 3
+            if self.config.mlp == "swiglu":
+                out[f"transformer.h.{i}.mlp.c_fc.weight"] = 2
+        return out
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied head counted once). non_embedding subtracts the lookups that
         are no matmul, as nanoGPT does: wpe, the value embeddings, and wte when the head is untied

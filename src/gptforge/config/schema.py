@@ -60,6 +60,7 @@ class OptimArgs:
     muon_normuon: bool = arg(False, "muon: NorMuon (arXiv:2510.05491): normalize each neuron of the orthogonalized update by its running second moment, so no neuron's update dominates")
     muon_cautious_wd: bool = arg(False, "muon: cautious weight decay (as nanochat, after Cautious Optimizers, arXiv:2411.16085): decay only where the update and the parameter agree in sign, so decay never fights the update")
     muon_momentum_warmup: int = arg(0, "muon: steps over which the momentum ramps from 0.85 to optim.muon_momentum (modded-nanogpt, nanochat: less stale momentum early); 0 = off")
+    muon_split: bool = arg(False, "muon: orthogonalize the matrices a parameter stacks (attention's q, k, v; SwiGLU's gate, up) each on its own, lr adjusted per matrix, as if separate (nanochat keeps them apart)")
 
 
 @dataclass

@@ -19,6 +19,9 @@ The variants, each off by default (docs/modern-recipe.md names their sources):
 - normuon: per-neuron second-moment normalization of the orthogonalized update (NorMuon).
 - cautious_wd: weight decay only where the update and the parameter agree in sign.
 - momentum_warmup: momentum ramps linearly from 0.85 to the group's over this many steps.
+- split: a parameter that stacks several matrices by rows (the model's `fused_matrices()`: c_attn's
+  q, k, v; SwiGLU's gate and up) is orthogonalized, and its lr shape-adjusted, block by block, as
+  if each were its own parameter (nanochat keeps them apart).
 Their state (NorMuon's per-neuron second moment, the step count) is per parameter, in the
 optimizer's state dict, so resume is exact.
 """
@@ -63,6 +66,7 @@ class MuonVariant:
     normuon: bool = False
     cautious_wd: bool = False
     momentum_warmup: int = 0
+    split: bool = False
 
     def __post_init__(self):
         if self.ns not in NS_CHOICES:
@@ -74,6 +78,7 @@ class MuonVariant:
         on = [f"ns {self.ns}"] if self.ns != "torch" else []
         on += ["normuon"] * self.normuon + ["cautious wd"] * self.cautious_wd
         on += [f"momentum warmup {self.momentum_warmup}"] * bool(self.momentum_warmup)
+        on += ["split fused matrices"] * self.split
         return ", ".join(on)
 
 
@@ -157,12 +162,14 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update and param-group keys, for plain tensors and FSDP2 DTensors, with
     the variants of MuonVariant. The groups' keys are torch's (lr, weight_decay, momentum,
     nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn); the variant is the optimizer's, not
-    a group's, so a checkpoint's param_groups are the same with or without one."""
+    a group's, so a checkpoint's param_groups are the same with or without one. `row_blocks` (used
+    by variant.split) maps a parameter's name (a group's "param_names") to the number of matrices
+    it stacks by rows."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: str | None = None,
-                 variant: MuonVariant = MuonVariant()):
+                 variant: MuonVariant = MuonVariant(), row_blocks: dict[str, int] | None = None):
         if not lr >= 0 or not momentum >= 0 or not weight_decay >= 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         if adjust_lr_fn not in (None, *ADJUST_LR):
@@ -171,6 +178,7 @@ class Muon(torch.optim.Optimizer):
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
         super().__init__(params, defaults)
         self.variant = variant
+        self.row_blocks = dict(row_blocks or {})
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -199,7 +207,8 @@ class Muon(torch.optim.Optimizer):
         v = self.variant
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
                 if p.grad is None:
                     continue
                 state = self._state_of(p)
@@ -210,12 +219,18 @@ class Muon(torch.optim.Optimizer):
                 buf, grad = state["momentum_buffer"], p.grad
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                o = orthogonalize(_whole(update), v.ns, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                blocks = self.row_blocks.get(name, 1) if v.split else 1
+                ns_args = (v.ns, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if blocks > 1:  # each stacked matrix on its own, its lr adjusted for its own shape
+                    o = torch.cat([orthogonalize(b, *ns_args) for b in _whole(update).chunk(blocks, dim=0)])
+                    shape = torch.Size((p.shape[0] // blocks, p.shape[1]))
+                else:
+                    o, shape = orthogonalize(_whole(update), *ns_args), p.shape
                 if v.normuon:
                     o = normuon_scale(o.float(), state["normuon_v"])
                 o = _like(o, p)
                 w = _local(p)
-                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], p.shape)
+                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape)
                 if v.cautious_wd and wd:
                     w.mul_(1 - lr * wd * ((o * w) >= 0).to(w.dtype))
                 else:

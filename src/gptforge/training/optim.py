@@ -74,7 +74,7 @@ def _fused_kwargs(args: OptimArgs, device: torch.device) -> dict:
 def muon_variant(args: OptimArgs) -> MuonVariant:
     """The Muon variants optim.muon_* switch on (all off by default: torch.optim.Muon's update)."""
     return MuonVariant(ns=args.muon_ns, normuon=args.muon_normuon, cautious_wd=args.muon_cautious_wd,
-                       momentum_warmup=args.muon_momentum_warmup)
+                       momentum_warmup=args.muon_momentum_warmup, split=args.muon_split)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -90,11 +90,13 @@ class MuonAdamW(torch.optim.Optimizer):
     param_groups). It cannot take GradScaler's found_inf (Muon has no such input), so it does not
     claim `_step_supports_amp_scaling`: under fp16, GradScaler.step reads the overflow on the host."""
 
-    def __init__(self, groups: list[dict], args: OptimArgs, device: torch.device):
+    def __init__(self, groups: list[dict], args: OptimArgs, device: torch.device,
+                 row_blocks: dict[str, int] | None = None):
         muon = [g for g in groups if g["kind"] == "muon"]
         rest = [g for g in groups if g["kind"] != "muon"]
         self.muon = Muon(muon, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay,
-                         adjust_lr_fn=args.muon_adjust_lr, variant=muon_variant(args)) if muon else None
+                         adjust_lr_fn=args.muon_adjust_lr, variant=muon_variant(args),
+                         row_blocks=row_blocks) if muon else None
         self.adamw = torch.optim.AdamW(rest, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                                        **_fused_kwargs(args, device)) if rest else None
         # the inner optimizers' group dicts themselves (add_param_group appends the dict it is given)
@@ -135,7 +137,8 @@ def make_optimizer(model: torch.nn.Module, args: OptimArgs, device: torch.device
     """AdamW over param_groups (optim.name adamw), or MuonAdamW over muon_groups (muon). `model`
     is the unwrapped module (its parameter names decide the groups)."""
     if name == "muon":
-        return MuonAdamW(muon_groups(model, args), args, device)
+        fused = getattr(model, "fused_matrices", None)
+        return MuonAdamW(muon_groups(model, args), args, device, fused() if fused else None)
     return torch.optim.AdamW(
         param_groups(model, args.weight_decay),
         lr=args.lr,
