@@ -122,6 +122,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"optim.muon_ns must be one of {', '.join(MUON_NS)}, got {o.muon_ns!r}")
     if o.muon_momentum_warmup < 0:
         p.append(f"optim.muon_momentum_warmup must be >= 0 (0 = off), got {o.muon_momentum_warmup}")
+    if not 0 <= o.ema < 1:
+        p.append(f"optim.ema must be in [0, 1) (0 = off), got {o.ema}")
     if o.fused not in ("auto", "on", "off"):
         p.append(f"optim.fused must be auto, on or off, got {o.fused!r}")
     if o.spike_k <= 0 or o.spike_window < 2 or o.spike_max_skips < 1 or not 0 < o.spike_lr_factor <= 1:

@@ -12,6 +12,7 @@ values on the device and are read later, together, in one transfer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gptforge import __version__
-from gptforge.checkpoint import WEIGHTS, load_state_checked
+from gptforge.checkpoint import WEIGHTS, check_state_matches, load_state_checked
 from gptforge.data.shards import data_tokenizer
 from gptforge.config import TrainConfig, dials
 from gptforge.device import synchronize
@@ -37,6 +38,7 @@ from gptforge.training import checkpoint as ckpt
 from gptforge.training import distributed as distrib
 from gptforge.training.build import build, saved_dials, wait_for_shards
 from gptforge.training.clock import Clock, command_start, max_steps_binds
+from gptforge.training.ema import WeightAverage
 from gptforge.training.metrics import Peaks, Reporter, device_name
 from gptforge.training.optim import describe, lr_at, set_lr
 from gptforge.training.spike import SpikeGuard
@@ -103,6 +105,7 @@ class Trainer:
         self.optimizer, self.optim, self.scaler, self.head_choice = b.optimizer, b.optim, b.scaler, b.head_choice
         self.micro, self.plan, self.loader, self.val_loader = b.micro, b.plan, b.loader, b.val_loader
         self.dial_lines = b.dial_lines
+        self.ema = WeightAverage(self.model, cfg.optim.ema) if cfg.optim.ema else None
         o = cfg.optim
         self.guard = SpikeGuard(o.spike_k, o.spike_window, o.spike_max_skips) if o.spike_guard else None
         self.step, self.lr_scale = 0, 1.0
@@ -235,6 +238,8 @@ class Trainer:
             self.read_values()  # the guard judges this step before its update
         if not row.get("skipped"):
             self.scaler.step(self.optimizer)  # under fp16: skipped by GradScaler on an overflow
+            if self.ema is not None:
+                self.ema.update(self.step)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if read:
@@ -294,15 +299,30 @@ class Trainer:
         return rows
 
     # ----------------------------------------------------------------- evaluation and samples
+    def averaged(self):
+        """With optim.ema: the weight average in the model for the block (evaluation, samples,
+        the model file of a checkpoint); otherwise the training weights as they are."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self) -> float:
-        out = evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens,
-                            token_bytes=self.tokenizer.token_bytes())
-        self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
-                         "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]})
-        self.report.print(f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}")
+        def loss() -> dict:
+            return evaluate_loss(self.model, self.val_loader, self.rt, max_tokens=self.cfg.run.eval_tokens,
+                                 token_bytes=self.tokenizer.token_bytes())
+
+        raw = loss() if self.ema is not None else None  # the training weights' too: what averaging gains
+        with self.averaged():
+            out = loss()
+            acc = evaluate_loop_tasks(self.model, self.tokenizer, self.cfg.run.eval_tasks, self.rt) if self.cfg.run.eval_tasks else None
+        row = {"step": self.step, "tokens": self.step * self.plan.batch_tokens,
+               "val_loss": out["loss"], "val_ppl": out["ppl"], "val_bpb": out["bpb"]}
+        line = f"step {self.step:>6} | val loss {out['loss']:.4f} | val ppl {out['ppl']:.2f} | val bpb {out['bpb']:.4f}"
+        if raw is not None:
+            row.update(val_loss_raw=raw["loss"], val_bpb_raw=raw["bpb"])
+            line += f" (ema; the training weights' {raw['bpb']:.4f})"
+        self.report.log(row)
+        self.report.print(line)
         self.val_bpb = out["bpb"]
-        if self.cfg.run.eval_tasks:  # downstream accuracy beside the loss
-            acc = evaluate_loop_tasks(self.model, self.tokenizer, self.cfg.run.eval_tasks, self.rt)
+        if acc is not None:  # downstream accuracy beside the loss
             self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens, **acc})
             self.report.print(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in acc.items()))
         return out["loss"]
@@ -320,7 +340,8 @@ class Trainer:
     def hellaswag(self) -> None:
         if self.hellaswag_path is None:  # the configured file, else the official one (downloaded once)
             self.hellaswag_path = self.cfg.run.hellaswag_path or str(download_hellaswag())
-        out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt, tokenizer=self.tokenizer)
+        with self.averaged():
+            out = evaluate_hellaswag(self.model, self.hellaswag_path, self.rt, tokenizer=self.tokenizer)
         self.report.log({"step": self.step, "tokens": self.step * self.plan.batch_tokens,
                          "hellaswag_acc": out["acc"], "hellaswag_acc_norm": out["acc_norm"]})
         self.report.print(f"step {self.step:>6} | hellaswag acc {out['acc']:.4f} acc_norm {out['acc_norm']:.4f}")
@@ -336,8 +357,9 @@ class Trainer:
     def sample(self, prompt: str | None = None) -> str:
         """The prompt (run.sample_prompt) and its continuation by the model, as text."""
         tok, prompt = self.tokenizer, self.cfg.run.sample_prompt if prompt is None else prompt
-        ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], max_new_tokens=self.cfg.run.sample_tokens,
-                       temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
+        with self.averaged():
+            ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], max_new_tokens=self.cfg.run.sample_tokens,
+                           temperature=0.8, top_k=50, seed=self.cfg.run.seed, runtime=self.rt)
         return prompt + tok.decode(ids)
 
     # ----------------------------------------------------------------- state
@@ -356,7 +378,14 @@ class Trainer:
             raise GPTForgeError(f"{path}: the checkpoint's optimizer is {was} (groups {saved_kinds}), this run's is {now} "
                                 f"(groups {kinds}): resume with --optim.name {was}, or start anew from its weights "
                                 "with --model.init_from")
-        distrib.load_model_state(self.model, load_state_checked(path / WEIGHTS, self.model))
+        weights = load_state_checked(path / WEIGHTS, self.model)
+        if self.ema is not None:  # the average is what the checkpoint's model file holds
+            distrib.load_model_state(self.model, weights)
+            self.ema.reset()
+        if state.get("train_weights") is not None:  # saved with optim.ema: training goes on from these
+            check_state_matches(state["train_weights"], self.model, f"{path / ckpt.STATE} (train_weights)")
+            weights = state["train_weights"]
+        distrib.load_model_state(self.model, weights)
         distrib.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -389,6 +418,10 @@ class Trainer:
     def save(self) -> Path | None:
         state = self.train_state()  # collective under torchrun: every rank takes part
         model_state = distrib.full_model_state(self.model)  # likewise under FSDP
+        if self.ema is not None:  # the model file holds the average; state.pt the weights to resume from
+            state["train_weights"] = model_state
+            with self.ema.applied():  # copies: a plain model's state dict shares the parameters' storage
+                model_state = {k: v.clone() for k, v in distrib.full_model_state(self.model).items()}
         if not self.env.is_main:
             distrib.barrier(self.env)
             return None
@@ -431,7 +464,8 @@ class Trainer:
             f"{self.peaks.line()} | run dir {self.run_dir}"
             + (f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""),
             f"LM-head loss {self.head_choice.describe()}",
-            describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}",
+            describe(self.optimizer, c.optim) + f" | schedule {self.optim.schedule}"
+            + (f" | ema {c.optim.ema:g} (evaluation, samples and checkpoints' model files use the average)" if self.ema else ""),
         ]
         lines += [f"dial {line}" for line in self.dial_lines]
         return "\n".join(lines)
