@@ -61,7 +61,7 @@ def loader(path, **kw):
 
 def one_epoch_rows(ld) -> list[list[int]]:
     """Every row of the loader's first epoch, in order (a loader with world_size 1)."""
-    rows, n = [], ld.rows.stats().rows
+    rows, n = [], ld.bestfit.stats().rows
     while len(rows) < n:
         x, y = ld.next_batch()
         rows += [rx + ry[-1:] for rx, ry in zip(x.tolist(), y.tolist())]
@@ -105,7 +105,7 @@ def test_rows_are_whole_and_start_on_documents_or_continue_one(corpus):
 def test_an_epoch_covers_every_target_once_but_the_dropped_last_rows(corpus, order):
     path, where, lengths = corpus
     ld = loader(path, order=order, seed=3)
-    stats = ld.rows.stats()
+    stats = ld.bestfit.stats()
     rows = one_epoch_rows(ld)
     assert len(rows) == stats.rows and not stats.estimated
     # a document's first token (its EOT; the split's first document has none) is no target of its own
@@ -115,18 +115,30 @@ def test_an_epoch_covers_every_target_once_but_the_dropped_last_rows(corpus, ord
     missing = expected - set(covered)
     assert set(covered) <= expected
     # what is missing is only in groups' unfinished last rows: at most T targets per group
-    assert len(missing) <= T * ld.rows.num_groups
-    assert stats.num_tokens - stats.tokens == sum(pk.pack_group(ld.rows.lengths[ld.rows.group_docs(0, g)].tolist(), T).dropped
-                                                  for g in range(ld.rows.num_groups))
+    assert len(missing) <= T * ld.bestfit.num_groups
+    assert stats.num_tokens - stats.tokens == sum(pk.pack_group(ld.bestfit.lengths[ld.bestfit.group_docs(0, g)].tolist(), T).dropped
+                                                  for g in range(ld.bestfit.num_groups))
     assert 0.9 < stats.utilization <= 1
+    ld.close()
+
+
+def test_utilization_of_a_large_split_is_estimated_from_a_sample(corpus, monkeypatch):
+    path = corpus[0]
+    monkeypatch.setattr(pk, "GROUP_ROWS", 4)  # many small groups
+    ld = loader(path)
+    exact = ld.bestfit.stats()
+    monkeypatch.setattr(pk, "STATS_DOCS", ld.bestfit.D * 5)
+    sampled = ld.bestfit.stats()
+    assert not exact.estimated and sampled.estimated and sampled.line().startswith("bestfit packing: ~")
+    assert sampled.rows == pytest.approx(exact.rows, rel=0.2) and sampled.utilization == pytest.approx(exact.utilization, abs=0.1)
     ld.close()
 
 
 def test_document_index_and_group_size(corpus):
     path, where, lengths = corpus
     ld = loader(path)
-    assert ld.rows.num_docs == len(lengths) and ld.rows.lengths.tolist() == lengths
-    assert ld.rows.D == max(1, -(-pk.GROUP_ROWS * T * len(lengths) // sum(lengths)))
+    assert ld.bestfit.num_docs == len(lengths) and ld.bestfit.lengths.tolist() == lengths
+    assert ld.bestfit.D == max(1, -(-pk.GROUP_ROWS * T * len(lengths) // sum(lengths)))
     assert pk.document_starts([np.array([EOT, 1, EOT], dtype=np.uint16)], EOT).tolist() == [0, 2]
     assert pk.document_starts([np.array([1, 2], dtype=np.uint16), np.array([EOT], dtype=np.uint16)], EOT).tolist() == [0, 2]
     ld.close()
@@ -144,7 +156,7 @@ def test_a_restored_loader_yields_the_same_next_batches(corpus, order, prefetch,
     monkeypatch.setattr(pk, "GROUP_ROWS", 8)  # several groups per epoch
     path = corpus[0]
     ld = loader(path, order=order, seed=9, prefetch=prefetch)
-    per_epoch = ld.rows.stats().rows // B
+    per_epoch = ld.bestfit.stats().rows // B
     for _ in range(per_epoch - 2):  # resume right before an epoch boundary
         ld.next_batch()
     state = roundtrip(ld.state_dict())
@@ -166,7 +178,7 @@ def test_two_ranks_read_what_one_process_with_twice_the_batch_reads(corpus, orde
     path = corpus[0]
     single = loader(path, order=order, seed=5, batch_size=2 * B)
     ranks = [loader(path, order=order, seed=5, rank=r, world_size=2, prefetch=r) for r in range(2)]
-    for _ in range(3 * single.rows.stats().rows // (2 * B) // 2):  # past an epoch boundary
+    for _ in range(3 * single.bestfit.stats().rows // (2 * B) // 2):  # past an epoch boundary
         x, y = single.next_batch()
         parts = [ld.next_batch() for ld in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
@@ -179,7 +191,7 @@ def test_two_ranks_read_what_one_process_with_twice_the_batch_reads(corpus, orde
 def test_windows_is_the_default_and_ignores_documents(corpus):
     path = corpus[0]
     a, b = ShardLoader(path, batch_size=B, seq_len=T, order="sequential"), loader(path, order="sequential", packing="windows")
-    assert a.rows is None and "packing" not in a.state_dict()
+    assert a.bestfit is None and "packing" not in a.state_dict()
     for _ in range(5):
         assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
     a.close(), b.close()

@@ -218,7 +218,8 @@ class _Failure:
 
 
 class _Prefetcher:
-    """A thread building the batches that follow (epoch, position), `depth` ahead."""
+    """A thread building the batches that follow (epoch, position), `depth` ahead; the position is
+    whatever `produce` hands back (an int for windows, (group, row) for bestfit)."""
 
     def __init__(self, produce, epoch: int, position: int, depth: int, init=None):
         self.produce, self.init = produce, init
@@ -338,10 +339,10 @@ class ShardLoader:
         self._epoch = 0
         self._position = 0  # windows of this epoch handed out (all ranks)
         self.packing = packing
-        self.rows: pk.BestFitStream | None = None
+        self.bestfit: pk.BestFitStream | None = None
         if packing == "bestfit":
             starts = pk.document_starts([i.memmap() for i in infos], self.eot_id)
-            self.rows = pk.BestFitStream(starts, self.num_tokens, seq_len,
+            self.bestfit = pk.BestFitStream(starts, self.num_tokens, seq_len,
                                          self._permute_docs if order == "shuffle" else None)
             self._position = (0, 0)  # (group, row in group) of this epoch's row stream
 
@@ -422,15 +423,15 @@ class ShardLoader:
             torch.cuda.set_device(self.device)
 
     def _permute_docs(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        return Permutation(self.rows.num_docs, self.seed, epoch)(positions)
+        return Permutation(self.bestfit.num_docs, self.seed, epoch)(positions)
 
     def _produce_rows(self, epoch: int, position: tuple[int, int]):
         """bestfit: this rank's B rows of the global batch at (epoch, position), and the position
         after the global batch."""
         group, row = position
         B, T = self.B, self.T
-        mine, _ = self.rows.rows(epoch, group, row, skip=self.rank * B, take=B)
-        _, (epoch, group, row) = self.rows.rows(epoch, group, row, skip=self.world_size * B, take=0)
+        mine, _ = self.bestfit.rows(epoch, group, row, skip=self.rank * B, take=B)
+        _, (epoch, group, row) = self.bestfit.rows(epoch, group, row, skip=self.world_size * B, take=0)
         out = np.empty((B, T + 1), dtype=self._reader.dtype)
         where = []  # (row, column, split start, length) of each segment, to name a bad token
         for k, segments in enumerate(mine):
@@ -446,7 +447,7 @@ class ShardLoader:
 
     def _produce(self, epoch: int, position: int):
         """The batch at (epoch, position) for this rank, and the position after it."""
-        if self.rows is not None:
+        if self.bestfit is not None:
             return self._produce_rows(epoch, position)
         G = self.world_size * self.B
         if position + G > self.num_windows:
@@ -518,7 +519,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """Plain ints and strings: safe for torch.save and torch.load(weights_only=True)."""
-        if self.rows is not None:
+        if self.bestfit is not None:
             return {
                 "version": STATE_VERSION,
                 "packing": self.packing,
@@ -528,8 +529,8 @@ class ShardLoader:
                 "epoch": int(self._epoch),
                 "group": int(self._position[0]),
                 "row": int(self._position[1]),
-                "docs_per_group": int(self.rows.D),
-                "num_docs": int(self.rows.num_docs),
+                "docs_per_group": int(self.bestfit.D),
+                "num_docs": int(self.bestfit.num_docs),
                 "num_windows": int(self.num_windows),
                 "num_tokens": int(self.num_tokens),
                 "seq_len": int(self.T),
@@ -554,7 +555,7 @@ class ShardLoader:
         if saved_packing != self.packing:
             raise GPTForgeError(f"{where}: saved with data.packing {saved_packing!r}, this loader uses {self.packing!r}; "
                                 "resume with the same data.packing")
-        fields = ("group", "row", "docs_per_group", "num_docs") if self.rows is not None else ("position",)
+        fields = ("group", "row", "docs_per_group", "num_docs") if self.bestfit is not None else ("position",)
         for key, tp in (("version", int), ("split", str), ("order", str), ("seed", int), ("epoch", int),
                         *((f, int) for f in fields), ("num_windows", int), ("num_tokens", int), ("seq_len", int)):
             if not isinstance(state.get(key), tp):
@@ -570,12 +571,12 @@ class ShardLoader:
             )
         if state["order"] != self.order:
             raise GPTForgeError(f"{where}: saved with order {state['order']!r}, this loader uses {self.order!r}")
-        if self.rows is not None:
+        if self.bestfit is not None:
             position = (state["group"], state["row"])
-            if (state["docs_per_group"], state["num_docs"]) != (self.rows.D, self.rows.num_docs):
+            if (state["docs_per_group"], state["num_docs"]) != (self.bestfit.D, self.bestfit.num_docs):
                 raise GPTForgeError(f"{where}: saved for {state['num_docs']:,} documents in groups of {state['docs_per_group']}, "
-                                    f"this split has {self.rows.num_docs:,} in groups of {self.rows.D}: resume with the same data")
-            in_range = state["epoch"] >= 0 and 0 <= state["group"] < self.rows.num_groups and state["row"] >= 0
+                                    f"this split has {self.bestfit.num_docs:,} in groups of {self.bestfit.D}: resume with the same data")
+            in_range = state["epoch"] >= 0 and 0 <= state["group"] < self.bestfit.num_groups and state["row"] >= 0
         else:
             position = state["position"]
             in_range = state["epoch"] >= 0 and 0 <= position <= self.num_windows
@@ -584,8 +585,8 @@ class ShardLoader:
         self._stop_prefetch()
         self.seed = state["seed"]
         self._perm_cache = None
-        if self.rows is not None:
-            self.rows.forget()  # packed in the old seed's order
+        if self.bestfit is not None:
+            self.bestfit.forget()  # packed in the old seed's order
         self._epoch, self._position = state["epoch"], position
 
     def _stop_prefetch(self) -> None:

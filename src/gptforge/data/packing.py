@@ -32,10 +32,12 @@ with a continuation (it is x there, a target in the row before), and one partial
 
 Memory and cost: the document starts are found once, when the loader is built, by scanning every
 token of the split for EOT (np.flatnonzero on each shard's memory map, in blocks): one sequential
-read of the split (about 20 ms for the 9.3M-token embedded corpus from the page cache, ~2 ns a
-token; a 10B-token split reads its 20 GB once, tens of seconds) and 8 bytes per document kept
-(int64 starts). Packing a group is arithmetic on (offset, length) pairs of its D documents, done
-when the stream reaches it; tokens are read only for this rank's rows.
+read of the split (5-25 ms for the 9.3M-token embedded corpus from the page cache, 0.6-2.5 ns a
+token; a 10B-token split reads its 20 GB once: seconds from the page cache, minutes from a disk)
+and 8 bytes kept per document (int64 starts). Packing a group is arithmetic on (offset, length)
+pairs of its D documents, done when the stream reaches it (~4 us a row with documents of ~300
+tokens and T=1024, ~40 us with documents of ~60 tokens and T=2048); tokens are read only for
+this rank's rows.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from gptforge.errors import GPTForgeError
 
 PACKINGS = ("windows", "bestfit")
 GROUP_ROWS = 256  # rows a group of documents averages, at least: room to fit whole documents
-STATS_GROUPS = 256  # groups packed to report utilization; a split with more is estimated from a sample
+STATS_DOCS = 200_000  # documents packed to report utilization (~1 s at most); a larger split is sampled
 _SCAN_BLOCK = 1 << 24  # tokens compared at a time while indexing: bounded memory for any shard size
 
 
@@ -99,41 +101,35 @@ class PackedGroup:
 def pack_group(lengths: Sequence[int], seq_len: int) -> PackedGroup:
     """Rows of exactly seq_len + 1 tokens from documents of these lengths (indices into
     `lengths`), by the rule of the module doc; a pure function of its arguments."""
-    width = seq_len + 1
-    unplaced = sorted((n, d) for d, n in enumerate(lengths) if n >= 2)  # (length, document)
+    width, m = seq_len + 1, max(1, len(lengths))
+    # unplaced documents as sorted keys length * m + document: ints bisect fast; ties by document
+    unplaced = sorted(n * m + d for d, n in enumerate(lengths) if n >= 2)
     dropped = sum(n for n in lengths if n < 2)
     row_first, docs, offsets, sizes = [0], [], [], []
     pending: tuple[int, int] | None = None  # the continuation: (document, offset)
-
-    def place(d: int, off: int, n: int) -> None:
-        docs.append(d)
-        offsets.append(off)
-        sizes.append(n)
-
     while unplaced or pending is not None:
         if pending is not None:
             d, off = pending
             pending = None
         else:  # the longest, earliest among equals
-            n = unplaced[-1][0]
-            d = unplaced.pop(bisect.bisect_left(unplaced, (n, -1)))[1]
+            d = unplaced.pop(bisect.bisect_left(unplaced, unplaced[-1] // m * m)) % m
             off = 0
         take = min(lengths[d] - off, width)
-        place(d, off, take)
+        docs.append(d), offsets.append(off), sizes.append(take)
         first_repeats = off > 0  # a continuation's first token was the last of its previous segment
         if take < lengths[d] - off:
             pending = (d, off + take - 1)
         space = width - take
         while space and unplaced:
-            j = bisect.bisect_right(unplaced, (space, len(lengths))) - 1
+            j = bisect.bisect_right(unplaced, space * m + m - 1) - 1
             if j >= 0:  # the longest that fits whole
-                n = unplaced[j][0]
-                n, d = unplaced.pop(bisect.bisect_left(unplaced, (n, -1)))
-                place(d, 0, n)
+                key = unplaced.pop(bisect.bisect_left(unplaced, unplaced[j] // m * m))
+                n, d = divmod(key, m)
+                docs.append(d), offsets.append(0), sizes.append(n)
                 space -= n
             else:  # none fits: the shortest is cut to fill the row, its rest continues next row
-                n, d = unplaced.pop(0)
-                place(d, 0, space)
+                d = unplaced.pop(0) % m
+                docs.append(d), offsets.append(0), sizes.append(space)
                 pending = (d, space - 1)
                 space = 0
         if space:  # nothing left to fill it: the group's last row, dropped
@@ -150,7 +146,7 @@ class PackingStats:
     rows: int  # rows per epoch
     tokens: int  # tokens of the split in those rows, each counted once
     num_tokens: int  # tokens of the split
-    estimated: bool  # from a sample of the groups (a split of more than STATS_GROUPS groups)
+    estimated: bool  # from a sample of the groups (a split of more than STATS_DOCS documents)
 
     @property
     def utilization(self) -> float:
@@ -225,12 +221,10 @@ class BestFitStream:
         return out, (epoch, g, r)
 
     def stats(self, epoch: int = 0) -> PackingStats:
-        """Rows and tokens in rows of the epoch; with more than STATS_GROUPS groups, from
-        STATS_GROUPS groups spread evenly over it, scaled by tokens."""
-        if self.num_groups <= STATS_GROUPS:
-            picked = range(self.num_groups)
-        else:
-            picked = sorted({g * self.num_groups // STATS_GROUPS for g in range(STATS_GROUPS)})
+        """Rows and tokens in rows of the epoch; a split of more than STATS_DOCS documents is
+        estimated from groups of STATS_DOCS documents in all, spread evenly over it, scaled by tokens."""
+        k = min(self.num_groups, max(1, STATS_DOCS // self.D))
+        picked = sorted({g * self.num_groups // k for g in range(k)})
         rows = tokens = seen = 0
         for g in picked:
             docs = self.group_docs(epoch, g)

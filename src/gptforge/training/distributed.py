@@ -375,7 +375,7 @@ def loader_state(saved, saved_train: dict, env: DistEnv, loader) -> dict:
     old_global = len(states) * old_micro if isinstance(old_micro, int) else None
     new_global = env.world_size * loader.B
     n = loader.num_windows
-    if (env.is_main and loader.rows is None and old_global and old_global != new_global  # bestfit's stream ignores the batch
+    if (env.is_main and loader.bestfit is None and old_global and old_global != new_global  # bestfit's stream ignores the batch
             and n - n % old_global != n - n % new_global):
         import warnings
 
