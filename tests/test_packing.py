@@ -215,6 +215,25 @@ def test_errors_for_a_bad_packing_and_a_state_of_the_other_packing(corpus, tmp_p
     windows.close(), bestfit.close()
 
 
+def test_a_checkpoints_ranks_must_agree_on_the_row_and_another_world_size_continues_silently(corpus):
+    """The trainer's check of the loader states saved by every rank: bestfit's position is
+    (epoch, group, row); the row stream ignores the batch, so a new world size does not warn."""
+    import warnings
+
+    from gptforge.training.distributed import DistEnv, loader_state
+
+    ld = loader(corpus[0])
+    ld.next_batch()
+    state = ld.state_dict()
+    saved_train = {"optim": {"micro_batch_size": 3}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loader_state([state, dict(state)], saved_train, DistEnv(world_size=1), ld) == state
+    with pytest.raises(GPTForgeError, match=r"ranks saved different data positions"):
+        loader_state([state, dict(state, row=state["row"] + 1)], saved_train, DistEnv(), ld)
+    ld.close()
+
+
 def test_a_split_without_a_full_row_is_an_error(tmp_path):
     docs = np.full(150, EOT, dtype=np.uint16)  # documents of one token: no targets, so no rows
     shards.write_dataset(tmp_path / "d", {"train": iter([docs]), "val": iter([docs])}, vocab_size=VOCAB, eot_id=EOT,
