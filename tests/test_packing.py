@@ -157,18 +157,19 @@ def test_a_restored_loader_yields_the_same_next_batches(corpus, order, prefetch,
     path = corpus[0]
     ld = loader(path, order=order, seed=9, prefetch=prefetch)
     per_epoch = ld.bestfit.stats().rows // B
-    for _ in range(per_epoch - 2):  # resume right before an epoch boundary
-        ld.next_batch()
-    state = roundtrip(ld.state_dict())
-    assert all(isinstance(v, (int, str)) for v in state.values()) and state["packing"] == "bestfit"
-    expected = [ld.next_batch() for _ in range(6)]
+    states, expected = [], []
+    for _ in range(per_epoch + 6):
+        states.append(roundtrip(ld.state_dict()))
+        expected.append(ld.next_batch())
     assert ld.epoch == 1
-    for prefetch2 in (0, 2):
+    assert all(isinstance(v, (int, str)) for v in states[0].values()) and states[0]["packing"] == "bestfit"
+    assert len({s["row"] for s in states}) > 2  # resumed inside groups, not only at their starts
+    for cut, prefetch2 in ((1, 0), (2, 2), (3, 0), (per_epoch - 2, 0), (per_epoch - 1, 2)):  # and across the epoch's end
         other = loader(path, order=order, seed=0, prefetch=prefetch2)
         other.next_batch()  # a position to be replaced
-        other.load_state_dict(state)
+        other.load_state_dict(states[cut])
         got = [other.next_batch() for _ in range(6)]
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected[cut:]))
         other.close()
     ld.close()
 
