@@ -21,6 +21,10 @@ holds T+1 tokens, x = row[:-1] and y = row[1:], and is a concatenation of docume
    (so no token is dropped, and at most one document of the group is ever half placed). Ties go
    to the earlier document. A group's last row, if not full, is dropped (its tokens are counted
    as dropped), as are documents of one token (an EOT followed by an EOT: no target).
+   Why the continuation first: starting each row with the longest piece instead, every piece of
+   T+1 tokens (documents' first pieces included) takes a row alone, and the documents' shorter
+   last pieces are left with nothing to fill their rows: about one unfilled row per document of
+   the group, 1.8% of the tokens at T=256 on the embedded corpus against 0.19% here.
 4. The row stream of an epoch is the rows of group 0, group 1, ...; then the next epoch. A
    global batch is world_size * B consecutive rows of the stream (it may cross groups and
    epochs); rank r takes rows [rB, rB + B). The stream does not depend on B or world_size.
