@@ -24,6 +24,7 @@ class DataArgs:
     tokenizer: str = arg("train:4096", "the embedded corpus's tokenizer (data.dir empty): gpt2 | train:N (an N-id BPE trained on it, cached); data.dir's is the one it was prepared with")
     seq_len: int = arg(0, "tokens per sequence T; 0 = the model's block_size")
     order: str = arg("shuffle", "shuffle (seeded permutation of windows each epoch) | sequential")
+    packing: str = arg("windows", "windows (consecutive T+1-token windows of the token stream) | bestfit (training rows start on documents, packed best-fit; a document cut at a row end continues on the next row, so no token is lost)")
     prefetch: int = arg(2, "batches prepared ahead in a background thread (0 = off)")
     verify: bool = arg(True, "sha256 of every shard against manifest.json before the first step (remembered; off = start at once)")
 

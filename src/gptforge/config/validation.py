@@ -133,6 +133,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"data.tokenizer must be gpt2 or train:N with N from 257 to 4,294,967,296, got {d.tokenizer!r}")
     if d.order not in ("shuffle", "sequential"):
         p.append(f"data.order must be shuffle or sequential, got {d.order!r}")
+    if d.packing not in ("windows", "bestfit"):
+        p.append(f"data.packing must be windows or bestfit, got {d.packing!r}")
     if r.precision not in PRECISIONS + ("auto",):
         p.append(f"run.precision must be one of {', '.join(PRECISIONS + ('auto',))}, got {r.precision!r}")
     if r.log not in ("none", "wandb", "tensorboard"):

@@ -14,6 +14,10 @@ The position is (epoch, windows handed out in this epoch): `state_dict()` holds 
 and a loader restored with `load_state_dict` yields exactly the batches the original would have.
 With prefetch, batches are built ahead by a thread; the state still counts only batches handed out.
 
+With packing `bestfit` the rows are documents packed to start on row starts instead of windows
+(gptforge.data.packing; training only: `iter_epoch` still reads windows, so validation is the
+same under either packing); the position is then (epoch, group, row in group).
+
 Memory does not grow with the dataset: shards are opened (and checked) as memory maps, but batches
 are read with pread straight into the batch buffer (see _Reader for why), and the shuffle order is
 computed per position by a Feistel network, not stored as an array of num_windows indices.
@@ -33,6 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from gptforge.data import packing as pk
 from gptforge.data import shards
 from gptforge.errors import GPTForgeError
 
@@ -213,7 +218,8 @@ class _Failure:
 
 
 class _Prefetcher:
-    """A thread building the batches that follow (epoch, position), `depth` ahead."""
+    """A thread building the batches that follow (epoch, position), `depth` ahead; the position is
+    whatever `produce` hands back (an int for windows, (group, row) for bestfit)."""
 
     def __init__(self, produce, epoch: int, position: int, depth: int, init=None):
         self.produce, self.init = produce, init
@@ -277,15 +283,19 @@ class ShardLoader:
         prefetch: int = 0,
         vocab_size: int | None = None,
         allow_short: bool = False,
+        packing: str = "windows",
     ):
         """allow_short: a split with fewer windows than one global batch is not an error; for
-        evaluation, `iter_epoch` then yields what there is (see `_short_batch`)."""
+        evaluation, `iter_epoch` then yields what there is (see `_short_batch`). packing:
+        windows, or bestfit (documents packed to start on row starts: gptforge.data.packing)."""
         problems = []
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1), ("prefetch", prefetch, 0)):
             if not isinstance(value, int) or value < low:
                 problems.append(f"{name} must be an integer >= {low}, got {value!r}")
         if order not in ORDERS:
             problems.append(f"order must be sequential or shuffle, got {order!r}")
+        if packing not in pk.PACKINGS:
+            problems.append(f"packing must be windows or bestfit, got {packing!r}")
         if not isinstance(rank, int) or not (isinstance(world_size, int) and 0 <= rank < max(world_size, 1)):
             problems.append(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if not isinstance(seed, int):
@@ -328,6 +338,13 @@ class ShardLoader:
         self._prefetcher: _Prefetcher | None = None
         self._epoch = 0
         self._position = 0  # windows of this epoch handed out (all ranks)
+        self.packing = packing
+        self.bestfit: pk.BestFitStream | None = None
+        if packing == "bestfit":
+            starts = pk.document_starts([i.memmap() for i in infos], self.eot_id)
+            self.bestfit = pk.BestFitStream(starts, self.num_tokens, seq_len,
+                                         self._permute_docs if order == "shuffle" else None)
+            self._position = (0, 0)  # (group, row in group) of this epoch's row stream
 
     # -- positions --------------------------------------------------------------------------
 
@@ -405,8 +422,33 @@ class ShardLoader:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
+    def _permute_docs(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        return Permutation(self.bestfit.num_docs, self.seed, epoch)(positions)
+
+    def _produce_rows(self, epoch: int, position: tuple[int, int]):
+        """bestfit: this rank's B rows of the global batch at (epoch, position), and the position
+        after the global batch."""
+        group, row = position
+        B, T = self.B, self.T
+        mine, _ = self.bestfit.rows(epoch, group, row, skip=self.rank * B, take=B)
+        _, (epoch, group, row) = self.bestfit.rows(epoch, group, row, skip=self.world_size * B, take=0)
+        out = np.empty((B, T + 1), dtype=self._reader.dtype)
+        where = []  # (row, column, split start, length) of each segment, to name a bad token
+        for k, segments in enumerate(mine):
+            col = 0
+            for start, n in segments:
+                self._reader.span_into(start, out[k, col : col + n])
+                where.append((k, col, start, n))
+                col += n
+        self._check_ids(self._reader, out, lambda i: next(s + i % (T + 1) - c for k, c, s, n in where
+                                                          if k == i // (T + 1) and c <= i % (T + 1) < c + n))
+        x, y = self._to_device(out[:, :-1], out[:, 1:])
+        return x, y, epoch, (group, row)
+
     def _produce(self, epoch: int, position: int):
         """The batch at (epoch, position) for this rank, and the position after it."""
+        if self.bestfit is not None:
+            return self._produce_rows(epoch, position)
         G = self.world_size * self.B
         if position + G > self.num_windows:
             epoch, position = epoch + 1, 0
@@ -477,6 +519,22 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """Plain ints and strings: safe for torch.save and torch.load(weights_only=True)."""
+        if self.bestfit is not None:
+            return {
+                "version": STATE_VERSION,
+                "packing": self.packing,
+                "split": self.split,
+                "order": self.order,
+                "seed": int(self.seed),
+                "epoch": int(self._epoch),
+                "group": int(self._position[0]),
+                "row": int(self._position[1]),
+                "docs_per_group": int(self.bestfit.D),
+                "num_docs": int(self.bestfit.num_docs),
+                "num_windows": int(self.num_windows),
+                "num_tokens": int(self.num_tokens),
+                "seq_len": int(self.T),
+            }
         return {
             "version": STATE_VERSION,
             "split": self.split,
@@ -493,8 +551,13 @@ class ShardLoader:
         where = "data loader state"
         if not isinstance(state, dict):
             raise GPTForgeError(f"{where}: expected a dict, got {type(state).__name__}")
+        saved_packing = state.get("packing", "windows")  # a state without the field is of windows
+        if saved_packing != self.packing:
+            raise GPTForgeError(f"{where}: saved with data.packing {saved_packing!r}, this loader uses {self.packing!r}; "
+                                "resume with the same data.packing")
+        fields = ("group", "row", "docs_per_group", "num_docs") if self.bestfit is not None else ("position",)
         for key, tp in (("version", int), ("split", str), ("order", str), ("seed", int), ("epoch", int),
-                        ("position", int), ("num_windows", int), ("num_tokens", int), ("seq_len", int)):
+                        *((f, int) for f in fields), ("num_windows", int), ("num_tokens", int), ("seq_len", int)):
             if not isinstance(state.get(key), tp):
                 raise GPTForgeError(f"{where}: field {key!r} missing or not {tp.__name__}")
         if state["version"] != STATE_VERSION:
@@ -508,12 +571,23 @@ class ShardLoader:
             )
         if state["order"] != self.order:
             raise GPTForgeError(f"{where}: saved with order {state['order']!r}, this loader uses {self.order!r}")
-        if not (state["epoch"] >= 0 and 0 <= state["position"] <= self.num_windows):
-            raise GPTForgeError(f"{where}: position {state['position']} / epoch {state['epoch']} out of range")
+        if self.bestfit is not None:
+            position = (state["group"], state["row"])
+            if (state["docs_per_group"], state["num_docs"]) != (self.bestfit.D, self.bestfit.num_docs):
+                raise GPTForgeError(f"{where}: saved for {state['num_docs']:,} documents in groups of {state['docs_per_group']}, "
+                                    f"this split has {self.bestfit.num_docs:,} in groups of {self.bestfit.D}: resume with the same data")
+            in_range = state["epoch"] >= 0 and 0 <= state["group"] < self.bestfit.num_groups and state["row"] >= 0
+        else:
+            position = state["position"]
+            in_range = state["epoch"] >= 0 and 0 <= position <= self.num_windows
+        if not in_range:
+            raise GPTForgeError(f"{where}: position {position} / epoch {state['epoch']} out of range")
         self._stop_prefetch()
         self.seed = state["seed"]
         self._perm_cache = None
-        self._epoch, self._position = state["epoch"], state["position"]
+        if self.bestfit is not None:
+            self.bestfit.forget()  # packed in the old seed's order
+        self._epoch, self._position = state["epoch"], position
 
     def _stop_prefetch(self) -> None:
         if self._prefetcher is not None:

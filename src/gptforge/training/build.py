@@ -150,7 +150,8 @@ def make_loaders(cfg: TrainConfig, data_dir: Path, env: distrib.DistEnv, rt: Run
     """The train loader (this rank's part of each global batch) and the validation loader."""
     common = dict(batch_size=batch_size, seq_len=seq_len, rank=env.rank, world_size=env.world_size,
                   device=str(rt.device), vocab_size=vocab_size)
-    train = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed, prefetch=cfg.data.prefetch, **common)
+    train = ShardLoader(data_dir, split="train", order=cfg.data.order, seed=cfg.run.seed, prefetch=cfg.data.prefetch,
+                        packing=cfg.data.packing, **common)
     val = ShardLoader(data_dir, split="val", order="sequential", seed=0, prefetch=0, allow_short=True, **common)
     return train, val
 

@@ -365,7 +365,7 @@ def loader_state(saved, saved_train: dict, env: DistEnv, loader) -> dict:
     states = saved if isinstance(saved, list) else [saved]
     if not states or not all(isinstance(s, dict) for s in states):
         raise GPTForgeError("checkpoint: the data loader state is missing or damaged")
-    key = lambda s: (s.get("epoch"), s.get("position"), s.get("seed"), s.get("order"))  # noqa: E731
+    key = lambda s: tuple(s.get(k) for k in ("epoch", "position", "group", "row", "seed", "order"))  # noqa: E731
     if len({key(s) for s in states}) != 1:
         raise GPTForgeError(f"checkpoint: the {len(states)} ranks saved different data positions "
                             f"{sorted({key(s) for s in states})}; the checkpoint is inconsistent")
@@ -375,7 +375,8 @@ def loader_state(saved, saved_train: dict, env: DistEnv, loader) -> dict:
     old_global = len(states) * old_micro if isinstance(old_micro, int) else None
     new_global = env.world_size * loader.B
     n = loader.num_windows
-    if env.is_main and old_global and old_global != new_global and n - n % old_global != n - n % new_global:
+    if (env.is_main and loader.bestfit is None and old_global and old_global != new_global  # bestfit's stream ignores the batch
+            and n - n % old_global != n - n % new_global):
         import warnings
 
         warnings.warn(

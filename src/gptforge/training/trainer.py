@@ -459,6 +459,7 @@ class Trainer:
             + (" | activation checkpointing on" if c.run.activation_checkpointing else ""),
             f"weights: {self.weights_line()}",
             f"data {self.loader.num_tokens:,} train tokens ({self.loader.num_windows:,} windows), {self.val_loader.num_tokens:,} val tokens"
+            + (f" | {self.loader.bestfit.stats().line()}" if self.loader.bestfit is not None else "")
             + f" | tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size:,} ids)"
             + (" (less than one batch: evaluated whole, as one smaller batch)" if self.val_loader.short else ""),
             f"{self.peaks.line()} | run dir {self.run_dir}"
