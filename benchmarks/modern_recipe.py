@@ -78,6 +78,10 @@ ABLATIONS = {
     "nanochat's muon (polar express, normuon, split, momentum warmup)": [
         "--optim.muon_ns", "polar_express", "--optim.muon_normuon", "true", "--optim.muon_split", "true",
         "--optim.muon_momentum_warmup", "100"],
+    # data and weights: documents packed whole into rows (data.packing), weights averaged for evaluation
+    "bestfit packing": ["--data.packing", "bestfit"], (each run also logs its training weights' val bpb: val_bpb_raw)
+    "ema 0.95": ["--optim.ema", "0.95"],
+    "ema 0.99": ["--optim.ema", "0.99"],
     "nanochat's architecture (the switches above, relu2, softcap 15)": [
         "--model.norm_gain", "false", "--model.embed_norm", "true", "--model.value_embeds", "alternate",
         "--model.resid_lambdas", "true", "--model.x0_lambdas", "true", "--model.smear", "true",
