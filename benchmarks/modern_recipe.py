@@ -78,8 +78,9 @@ ABLATIONS = {
     "nanochat's muon (polar express, normuon, split, momentum warmup)": [
         "--optim.muon_ns", "polar_express", "--optim.muon_normuon", "true", "--optim.muon_split", "true",
         "--optim.muon_momentum_warmup", "100"],
-    # data and weights: documents packed whole into rows (data.packing), weights averaged for evaluation
-    "bestfit packing": ["--data.packing", "bestfit"], (each run also logs its training weights' val bpb: val_bpb_raw)
+    # data and weights: documents packed whole into rows (data.packing); weights averaged for evaluation
+    # (each such run also logs its training weights' val bpb: val_bpb_raw)
+    "bestfit packing": ["--data.packing", "bestfit"],
     "ema 0.95": ["--optim.ema", "0.95"],
     "ema 0.99": ["--optim.ema", "0.99"],
     "nanochat's architecture (the switches above, relu2, softcap 15)": [
