@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -153,6 +154,12 @@ def train(name: str, data: Path, flags: list[str], out: Path, env: dict) -> Path
     return run_dir
 
 
+def finished(name: str, data: Path, flags: list[str], out: Path, env: dict) -> Path | None:
+    """--report-only: the run's directory if it finished, else None (nothing is trained)."""
+    run_dir = out / name
+    return run_dir if (run_dir / "done.json").exists() else None
+
+
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "dt_ms" in r], [r for r in rows if "val_bpb" in r]
@@ -269,18 +276,42 @@ def print_tables(rows: list[dict], ablation: list[tuple[str, list[float]]] | Non
               f"| {r['corpus']} | {r['gpt2_lr']}: {r['gpt2_bpb']:.4f} | {r['modern_lr']}: {r['modern_bpb']:.4f} | "
               f"- | {ratio} |")
     if ablation:
-        mean = sum(full) / len(full)
-        seeds = ", ".join(map(str, args.seeds))
-        print(f"\nAblation ({rows[0]['corpus']}, {args.ablation_steps or args.steps} steps, seeds {seeds}; the modern "
-              f"recipe's defaults: val bpb {_per_seed(full)}):\n")
-        print("| change from the defaults | val bpb per seed | mean vs the defaults' mean |")
-        print("|---|---|---|")
-        for name, bpbs in ablation:
-            print(f"| {name} | {_per_seed(bpbs)} | {sum(bpbs) / len(bpbs) - mean:+.4f} |")
+        print_ablation(ablation, full, rows[0]["corpus"], args)
 
 
-def _per_seed(bpbs: list[float]) -> str:
-    return " / ".join(f"{b:.4f}" for b in bpbs)
+def print_ablation(ablation: list[tuple[str, list[Path | None]]], full: list[Path | None], corpus: str, args) -> None:
+    """Each change's final val bpb per seed, its difference from the defaults' run of the same seed
+    (paired: the seed's own noise cancels), and its median step time against the defaults' (runs
+    made one after another under the same conditions, so a rough figure; modern_recipe's
+    side-by-side timing is the careful one). A run with optim.ema shows its training weights'
+    val bpb in brackets (the same run, no average)."""
+    seeds = ", ".join(map(str, args.seeds))
+    ref = {seed: d for seed, d in zip(args.seeds, full) if d is not None}
+    ref_ms = statistics.mean(step_ms(d) for d in ref.values())
+    print(f"\nAblation ({corpus}, {args.ablation_steps or args.steps} steps, seeds {seeds}; the modern recipe's "
+          f"defaults: val bpb {' / '.join(f'{final_bpb(d):.4f}' for d in ref.values())}, {ref_ms:.0f} ms/step):\n")
+    print("| change from the defaults | val bpb per seed | minus the defaults' (per seed) | mean difference | step time vs the defaults' |")
+    print("|---|---|---|---|---|")
+    for name, dirs in ablation:
+        got = [(seed, d) for seed, d in zip(args.seeds, dirs) if d is not None and seed in ref]
+        if not got:
+            continue
+        cells = " / ".join(_cell(d) for _, d in got)
+        deltas = [final_bpb(d) - final_bpb(ref[seed]) for seed, d in got]
+        ms = statistics.mean(step_ms(d) for _, d in got)
+        print(f"| {name} | {cells} | {' / '.join(f'{x:+.4f}' for x in deltas)} | {statistics.mean(deltas):+.4f} | "
+              f"{ms / ref_ms:.2f}x |")
+
+
+def _cell(run_dir: Path) -> str:
+    last = metrics(run_dir)[1][-1]
+    raw = f" ({last['val_bpb_raw']:.4f})" if "val_bpb_raw" in last else ""
+    return f"{last['val_bpb']:.4f}{raw}"
+
+
+def step_ms(run_dir: Path) -> float:
+    """The median dt_ms of a run's steps after its first 3 (compilation, warm caches)."""
+    return statistics.median(r["dt_ms"] for r in metrics(run_dir)[0][3:])
 
 
 def cpu_name() -> str:
@@ -312,6 +343,8 @@ def main() -> None:
     p.add_argument("--ablations", nargs="*", default=None, help=f"names from: {', '.join(ABLATIONS)}")
     p.add_argument("--ablation-steps", type=int, default=0, help="steps of each ablation run (0 = --steps)")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing more: tabulate the finished ablation runs in --out (the sweeps must be finished)")
     p.add_argument("--seeds", nargs="+", type=int, default=[SEED, SEED + 1], help="run.seed of each ablation run")
     p.add_argument("--plot", type=Path, default=None, help="write val bpb vs tokens of the compared runs here")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more gptforge train flags for every run, after --")
@@ -334,21 +367,22 @@ def main() -> None:
         steps = args.ablation_steps or args.steps
         base = common_flags(args, steps) + modern_flags(r0["modern_lr"], args.adam_lr)
         print(f"{r0['corpus']}: ablation of the modern recipe at {steps} steps", flush=True)
+        run = finished if args.report_only else train
         full = []
         for seed in args.seeds:
             run_name, seed_flags = seeded(f"{r0['corpus']}-ablate{steps}-defaults", seed)
-            full.append(final_bpb(train(run_name, res0["data"], base + seed_flags, args.out, env)))
+            full.append(run(run_name, res0["data"], base + seed_flags, args.out, env))
         ablation = []
         for name in names:
             flags = list(ABLATIONS[name])
             if name == "adamw instead of muon":  # AdamW on every parameter at gpt2's tuned LR
                 flags += ["--optim.lr", r0["gpt2_lr"]]
             slug = name.split(" (")[0].replace(" ", "-").replace("'", "")
-            bpbs = []
+            dirs = []
             for seed in args.seeds:
                 run_name, seed_flags = seeded(f"{r0['corpus']}-ablate{steps}-{slug}", seed)
-                bpbs.append(final_bpb(train(run_name, res0["data"], base + flags + seed_flags, args.out, env)))
-            ablation.append((name, bpbs))
+                dirs.append(run(run_name, res0["data"], base + flags + seed_flags, args.out, env))
+            ablation.append((name, dirs))
     print_tables(rows, ablation, full, args)
     if args.plot and rows:
         runs = [str(x) for r in rows for x in (r["gpt2"], r["modern"])]

@@ -61,7 +61,8 @@ class NanochatRecipe:
     """nanochat's GPT and MuonAdamW, from a checkout, with base_train's scaling and schedules."""
 
     def __init__(self, root: Path, seq_len: int, vocab: int, n_layer: int, n_head: int, n_embd: int,
-                 window_pattern: str, batch_tokens: int, steps: int, device: torch.device, seed: int):
+                 window_pattern: str, batch_tokens: int, steps: int, device: torch.device, seed: int,
+                 lr_mult: float = 1.0):
         if not (root / "nanochat" / "gpt.py").is_file():
             raise SystemExit(f"{root}: not a nanochat checkout (no nanochat/gpt.py)")
         sys.path.insert(0, str(root))
@@ -92,7 +93,7 @@ class NanochatRecipe:
             c = m.num_scaling_params()
             return c["transformer_matrices"] + c["lm_head"]
 
-        lr_scale = (batch_tokens / B_REF) ** 0.5
+        lr_scale = (batch_tokens / B_REF) ** 0.5 * lr_mult  # lr_mult: a sweep around base_train's rule
         d_ref = BASE_TRAIN["target_param_data_ratio"] * scaling(ref)
         target_tokens = int(BASE_TRAIN["target_param_data_ratio"] * scaling(model))
         self.weight_decay = BASE_TRAIN["weight_decay"] * math.sqrt(batch_tokens / B_REF) * (d_ref / target_tokens)
@@ -214,7 +215,7 @@ def run_seed(seed: int, data: Path, args) -> dict:
     if c.block_size != args.seq_len or modern.plan.grad_accum_steps != 1:
         raise SystemExit(f"expected one micro-step of {args.batch_tokens // args.seq_len} x {args.seq_len}")
     nano = NanochatRecipe(args.nanochat, args.seq_len, c.vocab_size, c.n_layer, c.n_head, c.n_embd, args.window_pattern,
-                          args.batch_tokens, args.steps, modern.rt.device, seed)
+                          args.batch_tokens, args.steps, modern.rt.device, seed, args.nanochat_lr_mult)
     models["nanochat"] = dict(step=nano.step, scorer=nano.scorer())
     baseline = None
     if not args.no_baseline:  # as benchmarks/modern_recipe.py configures it, at its best swept LR
@@ -286,7 +287,8 @@ def nanochat_commit(root: Path) -> str:
 def table(results: list[dict], meta: dict) -> str:
     names = [n for n in results[0]["median_ms_per_step"]]
     lines = [f"nanochat {meta['nanochat_commit']}; {meta['cpu']}; corpus {meta['corpus']}; {meta['steps']} steps x "
-             f"{meta['batch_tokens']:,} tokens (seq {meta['seq_len']}); val bpb on the first {meta['eval_tokens']:,} val tokens", ""]
+             f"{meta['batch_tokens']:,} tokens (seq {meta['seq_len']}); val bpb on the first {meta['eval_tokens']:,} val tokens; "
+             + ", ".join(f"{k}: {v}" for k, v in meta["precision"].items()), ""]
     for r in results:
         lines += [f"Seed {r['seed']}: val bpb at equal tokens", "",
                   "| step | tokens | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -318,6 +320,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (and at the end)")
     p.add_argument("--eval-tokens", type=int, default=32768, help="the default run's val tokens per evaluation")
     p.add_argument("--window-pattern", default="SSSL", help="nanochat's (base_train's default SSSL; L = full context)")
+    p.add_argument("--nanochat-lr-mult", type=float, default=1.0,
+                   help="times every nanochat LR as base_train scales them (sqrt(batch / 2^19): 0.088 at 4,096 "
+                        "tokens; 11.3 gives its unscaled defaults): a sweep of nanochat's LRs at this batch")
     p.add_argument("--gpt2-lr", default="2e-3", help="GPT-2 + AdamW's peak LR (modern_recipe.py's sweep chose 2e-3)")
     p.add_argument("--precision", default="auto", help="gptforge's run.precision (auto: bf16 where its matmul probe "
                    "finds it faster, also on a CPU); nanochat's dtype is its own (NANOCHAT_DTYPE=bfloat16|float32)")
