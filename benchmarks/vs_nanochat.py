@@ -336,14 +336,17 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
     data = data_dir(args.corpus, args.out, args.vocab)
-    results = [run_seed(seed, data, args) for seed in seeds]
-    meta = {"nanochat": str(args.nanochat), "precision": {k: v for r in results[:1] for k, v in r["setup"].items() if "dtype" in k or "precision" in k}, "nanochat_commit": nanochat_commit(args.nanochat), "cpu": cpu_name(),
-            "corpus": args.corpus, "data": str(data), "steps": args.steps, "batch_tokens": args.batch_tokens,
-            "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "seeds": seeds, "torch": torch.__version__,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    text = table(results, meta)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
-    (args.out / "table.md").write_text(text)
+    results = []
+    for seed in seeds:  # the files are rewritten after every seed: a stopped run keeps its finished seeds
+        results.append(run_seed(seed, data, args))
+        meta = {"nanochat": str(args.nanochat), "precision": {k: v for k, v in results[0]["setup"].items() if "dtype" in k or "precision" in k},
+                "nanochat_commit": nanochat_commit(args.nanochat), "cpu": cpu_name(), "corpus": args.corpus, "data": str(data),
+                "steps": args.steps, "batch_tokens": args.batch_tokens, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
+                "seeds": [r["seed"] for r in results], "torch": torch.__version__,
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        text = table(results, meta)
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+        (args.out / "table.md").write_text(text)
     print("\n" + text)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
 
