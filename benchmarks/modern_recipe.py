@@ -83,6 +83,8 @@ ABLATIONS = {
     # (each such run also logs its training weights' val bpb: val_bpb_raw)
     "bestfit packing": ["--data.packing", "bestfit"],
     "ema 0.95": ["--optim.ema", "0.95"],
+    # both at once: the training weights' val bpb (val_bpb_raw) is bestfit's, the average's is bestfit + ema
+    "bestfit packing, ema 0.95": ["--data.packing", "bestfit", "--optim.ema", "0.95"],
     "ema 0.99": ["--optim.ema", "0.99"],
     "nanochat's architecture (the switches above, relu2, softcap 15)": [
         "--model.norm_gain", "false", "--model.embed_norm", "true", "--model.value_embeds", "alternate",
