@@ -263,3 +263,23 @@ def test_train_with_bestfit_resumes_bitwise(tmp_path, shards_dir, capsys):
                 "--run.peak_tflops", "1")
     assert p.returncode == 0, p.stderr
     assert "bestfit packing: " in p.stdout and "% of the tokens in rows" in p.stdout
+
+
+def test_shuffle_hands_out_a_groups_rows_in_a_seeded_order_not_a_documents_stretch(tmp_path):
+    """Documents of many rows each: packed in order, a batch is one document's consecutive rows (a
+    stretch of one text: far worse training, measured). Shuffled, a batch's rows come from several
+    documents, the order depends on the seed, and each row is still handed out once an epoch."""
+    docs = 8
+    stream = np.concatenate([[EOT] + [1 + d * 1000 + k for k in range(239)] for d in range(docs)]).astype(np.uint16)
+    path = tmp_path / "long"
+    shards.write_dataset(path, {"train": iter([stream]), "val": iter([stream[:300]])}, vocab_size=VOCAB, eot_id=EOT,
+                         tokenizer="gpt2")
+    doc_of = lambda row: {(v - 1) // 1000 for v in row if v != EOT}  # noqa: E731
+    seq = one_epoch_rows(loader(path, order="sequential"))
+    assert all(len(doc_of(r)) == 1 for r in seq[:B]) and len(set.union(*map(doc_of, seq[:B]))) == 1
+    a = one_epoch_rows(loader(path, order="shuffle", seed=1))
+    assert a == one_epoch_rows(loader(path, order="shuffle", seed=1))
+    assert a != one_epoch_rows(loader(path, order="shuffle", seed=2))
+    assert len(a) == len(seq)
+    for k in range(0, len(a) - B + 1, B):  # every batch mixes documents
+        assert len(set.union(*map(doc_of, a[k : k + B]))) >= 2

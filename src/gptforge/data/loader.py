@@ -73,12 +73,13 @@ class Permutation:
 
     ROUNDS = 6
 
-    def __init__(self, n: int, seed: int, epoch: int):
+    def __init__(self, n: int, seed: int, epoch: int, salt: tuple[int, ...] = ()):
+        """salt: more key material (a bestfit group's rows are permuted per (epoch, group))."""
         self.n = n
         bits = max(2, (n - 1).bit_length())
         self.half = np.uint64((bits + 1) // 2)
         self.mask = np.uint64((1 << int(self.half)) - 1)
-        self.keys = np.random.SeedSequence([seed & (2**64 - 1), epoch]).generate_state(self.ROUNDS, dtype=np.uint64)
+        self.keys = np.random.SeedSequence([seed & (2**64 - 1), epoch, *salt]).generate_state(self.ROUNDS, dtype=np.uint64)
 
     def _round_trip(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self.half, x & self.mask
@@ -342,8 +343,9 @@ class ShardLoader:
         self.bestfit: pk.BestFitStream | None = None
         if packing == "bestfit":
             starts = pk.document_starts([i.memmap() for i in infos], self.eot_id)
-            self.bestfit = pk.BestFitStream(starts, self.num_tokens, seq_len,
-                                         self._permute_docs if order == "shuffle" else None)
+            shuffle = order == "shuffle"
+            self.bestfit = pk.BestFitStream(starts, self.num_tokens, seq_len, self._permute_docs if shuffle else None,
+                                         self._permute_rows if shuffle else None)
             self._position = (0, 0)  # (group, row in group) of this epoch's row stream
 
     # -- positions --------------------------------------------------------------------------
@@ -424,6 +426,9 @@ class ShardLoader:
 
     def _permute_docs(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         return Permutation(self.bestfit.num_docs, self.seed, epoch)(positions)
+
+    def _permute_rows(self, epoch: int, group: int, n: int) -> np.ndarray:
+        return Permutation(n, self.seed, epoch, salt=(group,))(np.arange(n))
 
     def _produce_rows(self, epoch: int, position: tuple[int, int]):
         """bestfit: this rank's B rows of the global batch at (epoch, position), and the position

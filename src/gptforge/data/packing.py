@@ -25,7 +25,11 @@ holds T+1 tokens, x = row[:-1] and y = row[1:], and is a concatenation of docume
    T+1 tokens (documents' first pieces included) takes a row alone, and the documents' shorter
    last pieces are left with nothing to fill their rows: about one unfilled row per document of
    the group, 1.8% of the tokens at T=256 on the embedded corpus against 0.19% here.
-4. The row stream of an epoch is the rows of group 0, group 1, ...; then the next epoch. A
+4. With `shuffle`, a group's rows are handed out in a seeded order of their own (a permutation
+   per (seed, epoch, group)): packed in order, the rows of a long document follow each other, and
+   a batch of consecutive rows would be one document's consecutive stretch (on the embedded
+   corpus, ~21 rows a document, that cost 0.34 val bpb at 200 steps: docs/performance.md).
+5. The row stream of an epoch is the rows of group 0, group 1, ...; then the next epoch. A
    global batch is world_size * B consecutive rows of the stream (it may cross groups and
    epochs); rank r takes rows [rB, rB + B). The stream does not depend on B or world_size.
 
@@ -167,16 +171,19 @@ class BestFitStream:
     CACHE = 4  # packed groups kept (this rank's batch and the next usually need one or two)
 
     def __init__(self, starts: np.ndarray, num_tokens: int, seq_len: int,
-                 permute: Callable[[int, np.ndarray], np.ndarray] | None):
+                 permute: Callable[[int, np.ndarray], np.ndarray] | None,
+                 permute_rows: Callable[[int, int, int], np.ndarray] | None = None):
         """permute(epoch, positions) -> documents at those positions of the epoch's order
-        (None: the split's order)."""
+        (None: the split's order); permute_rows(epoch, group, n) -> the order in which the
+        group's n packed rows are handed out (None: as packed)."""
+        self.permute_rows = permute_rows
         self.starts = starts
         self.lengths = np.diff(np.append(starts, num_tokens))
         self.num_tokens, self.T, self.permute = num_tokens, seq_len, permute
         self.num_docs = int(starts.size)
         self.D = docs_per_group(num_tokens, self.num_docs, seq_len)
         self.num_groups = -(-self.num_docs // self.D)
-        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, PackedGroup]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, PackedGroup, np.ndarray | None]] = OrderedDict()
 
     def group_docs(self, epoch: int, g: int) -> np.ndarray:
         """The documents of group g of the epoch, in their order."""
@@ -187,12 +194,15 @@ class BestFitStream:
         """Drop the packed groups kept (the order changed: a new seed)."""
         self._cache.clear()
 
-    def group(self, epoch: int, g: int) -> tuple[np.ndarray, PackedGroup]:
+    def group(self, epoch: int, g: int) -> tuple[np.ndarray, PackedGroup, np.ndarray | None]:
+        """The group's documents, its packing and the order of its rows (None: as packed)."""
         key = (epoch, g)
         hit = self._cache.get(key)
         if hit is None:
             docs = self.group_docs(epoch, g)
-            hit = (docs, pack_group(self.lengths[docs].tolist(), self.T))
+            packed = pack_group(self.lengths[docs].tolist(), self.T)
+            order = self.permute_rows(epoch, g, packed.rows) if self.permute_rows and packed.rows else None
+            hit = (docs, packed, order)
             self._cache[key] = hit
             if len(self._cache) > self.CACHE:
                 self._cache.popitem(last=False)
@@ -208,7 +218,7 @@ class BestFitStream:
         while skip or len(out) < take:
             if g >= self.num_groups:
                 epoch, g, r = epoch + 1, 0, 0
-            docs, packed = self.group(epoch, g)
+            docs, packed, order = self.group(epoch, g)
             empty = empty + 1 if packed.rows == 0 else 0
             if empty > self.num_groups:
                 raise GPTForgeError(f"data loader: no group of documents fills one row of {self.T + 1} tokens "
@@ -216,7 +226,8 @@ class BestFitStream:
             n = min(skip, max(0, packed.rows - r))
             skip, r = skip - n, r + n
             while not skip and r < packed.rows and len(out) < take:
-                out.append([(int(self.starts[docs[d]]) + off, k) for d, off, k in packed.segments(r)])
+                row = r if order is None else int(order[r])
+                out.append([(int(self.starts[docs[d]]) + off, k) for d, off, k in packed.segments(row)])
                 r += 1
             if r >= packed.rows:
                 g, r = g + 1, 0
