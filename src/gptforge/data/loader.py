@@ -524,33 +524,15 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """Plain ints and strings: safe for torch.save and torch.load(weights_only=True)."""
+        state = {"version": STATE_VERSION, "split": self.split, "order": self.order, "seed": int(self.seed),
+                 "epoch": int(self._epoch)}
         if self.bestfit is not None:
-            return {
-                "version": STATE_VERSION,
-                "packing": self.packing,
-                "split": self.split,
-                "order": self.order,
-                "seed": int(self.seed),
-                "epoch": int(self._epoch),
-                "group": int(self._position[0]),
-                "row": int(self._position[1]),
-                "docs_per_group": int(self.bestfit.D),
-                "num_docs": int(self.bestfit.num_docs),
-                "num_windows": int(self.num_windows),
-                "num_tokens": int(self.num_tokens),
-                "seq_len": int(self.T),
-            }
-        return {
-            "version": STATE_VERSION,
-            "split": self.split,
-            "order": self.order,
-            "seed": int(self.seed),
-            "epoch": int(self._epoch),
-            "position": int(self._position),
-            "num_windows": int(self.num_windows),
-            "num_tokens": int(self.num_tokens),
-            "seq_len": int(self.T),
-        }
+            state.update(packing=self.packing, group=int(self._position[0]), row=int(self._position[1]),
+                         docs_per_group=int(self.bestfit.D), num_docs=int(self.bestfit.num_docs))
+        else:
+            state["position"] = int(self._position)
+        state.update(num_windows=int(self.num_windows), num_tokens=int(self.num_tokens), seq_len=int(self.T))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         where = "data loader state"
