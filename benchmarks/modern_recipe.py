@@ -75,6 +75,10 @@ ABLATIONS = {
     "muon weight decay 0.1": ["--optim.muon_weight_decay", "0.1"],
     "muon weight decay 0.1, cautious": ["--optim.muon_weight_decay", "0.1", "--optim.muon_cautious_wd", "true"],
     "muon split q/k/v and gate/up": ["--optim.muon_split", "true"],
+    # the two on by default, each turned off (the two entries above are the defaults now)
+    "muon without normuon": ["--optim.muon_normuon", "false"],
+    "muon with fused q/k/v and gate/up (no split)": ["--optim.muon_split", "false"],
+    "muon without normuon or split": ["--optim.muon_normuon", "false", "--optim.muon_split", "false"],
     "muon momentum warmup 100": ["--optim.muon_momentum_warmup", "100"],
     "nanochat's muon (polar express, normuon, split, momentum warmup)": [
         "--optim.muon_ns", "polar_express", "--optim.muon_normuon", "true", "--optim.muon_split", "true",

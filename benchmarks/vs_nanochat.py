@@ -208,7 +208,7 @@ def run_seed(seed: int, data: Path, args) -> dict:
     from gptforge.training.build import make_loaders
 
     models: dict[str, dict] = {}
-    modern = gptforge_trainer("gptforge-modern", data, seed, args, [])
+    modern = gptforge_trainer("gptforge-modern", data, seed, args, args.gptforge)
     models["gptforge modern"] = dict(step=lambda it, x, y, t=modern: (setattr(t.loader, "batch", (x, y)), t.train_step(read=True))[1]["loss"],
                                      scorer=modern.model)
     c = modern.model.config
@@ -288,7 +288,8 @@ def table(results: list[dict], meta: dict) -> str:
     names = [n for n in results[0]["median_ms_per_step"]]
     lines = [f"nanochat {meta['nanochat_commit']}; {meta['cpu']}; corpus {meta['corpus']}; {meta['steps']} steps x "
              f"{meta['batch_tokens']:,} tokens (seq {meta['seq_len']}); val bpb on the first {meta['eval_tokens']:,} val tokens; "
-             + ", ".join(f"{k}: {v}" for k, v in meta["precision"].items()), ""]
+             + ", ".join(f"{k}: {v}" for k, v in meta["precision"].items())
+             + "".join(f"; gptforge modern with {k}={v}" for k, v in meta.get("gptforge overrides", {}).items()), ""]
     for r in results:
         lines += [f"Seed {r['seed']}: val bpb at equal tokens", "",
                   "| step | tokens | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -326,6 +327,9 @@ def main() -> None:
     p.add_argument("--gpt2-lr", default="2e-3", help="GPT-2 + AdamW's peak LR (modern_recipe.py's sweep chose 2e-3)")
     p.add_argument("--precision", default="auto", help="gptforge's run.precision (auto: bf16 where its matmul probe "
                    "finds it faster, also on a CPU); nanochat's dtype is its own (NANOCHAT_DTYPE=bfloat16|float32)")
+    p.add_argument("--gptforge", action="append", default=[], metavar="KEY=VALUE",
+                   help="a gptforge train key for the modern run (repeatable), e.g. optim.muon_normuon=false: "
+                        "the default run as of an earlier default, or a candidate")
     p.add_argument("--no-baseline", action="store_true", help="skip gptforge's GPT-2 + AdamW")
     p.add_argument("--out", type=Path, default=Path("runs/vs_nanochat"))
     args = p.parse_args()
@@ -334,6 +338,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GPTFORGE_CACHE", str(args.out / "cache"))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for kv in args.gptforge:
+        if "=" not in kv:
+            raise SystemExit(f"--gptforge {kv!r}: expected KEY=VALUE, e.g. optim.muon_split=false")
+    args.gptforge = [tuple(kv.split("=", 1)) for kv in args.gptforge]
 
     data = data_dir(args.corpus, args.out, args.vocab)
     results = []
@@ -343,6 +351,7 @@ def main() -> None:
                 "nanochat_commit": nanochat_commit(args.nanochat), "cpu": cpu_name(), "corpus": args.corpus, "data": str(data),
                 "steps": args.steps, "batch_tokens": args.batch_tokens, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
                 "seeds": [r["seed"] for r in results], "torch": torch.__version__,
+                "gptforge overrides": dict(args.gptforge),
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         text = table(results, meta)
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")

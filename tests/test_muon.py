@@ -26,7 +26,8 @@ CPU = torch.device("cpu")
 
 
 def muon_args(**kw) -> C.OptimArgs:
-    return C.OptimArgs(**{"name": "muon", "lr": 6e-4, **kw})  # the AdamW part at GPT-2's 6e-4
+    """Plain Muon (torch.optim.Muon's step: no variant) unless kw names one; the AdamW part at GPT-2's 6e-4."""
+    return C.OptimArgs(**{"name": "muon", "lr": 6e-4, "muon_normuon": False, "muon_split": False, **kw})
 
 
 def untied_nano() -> GPT:

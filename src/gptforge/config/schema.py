@@ -58,10 +58,10 @@ class OptimArgs:
     spike_max_skips: int = arg(3, "consecutive skips before rolling back to the last checkpoint")
     spike_lr_factor: float = arg(0.5, "LR multiplier applied after a rollback")
     muon_ns: str = arg("torch", "muon: orthogonalization: torch (one quintic Newton-Schulz, 5 times) | polar_express (per-iteration coefficients of Polar Express, arXiv:2505.16932: closer to orthogonal in the same 5 steps)")
-    muon_normuon: bool = arg(False, "muon: NorMuon (arXiv:2510.05491): normalize each neuron of the orthogonalized update by its running second moment, so no neuron's update dominates")
+    muon_normuon: bool = arg(True, "muon: NorMuon (arXiv:2510.05491): normalize each neuron of the orthogonalized update by its running second moment, so no neuron's update dominates")
     muon_cautious_wd: bool = arg(False, "muon: cautious weight decay (as nanochat, after Cautious Optimizers, arXiv:2411.16085): decay only where the update and the parameter agree in sign, so decay never fights the update")
     muon_momentum_warmup: int = arg(0, "muon: steps over which the momentum ramps from 0.85 to optim.muon_momentum (modded-nanogpt, nanochat: less stale momentum early); 0 = off")
-    muon_split: bool = arg(False, "muon: orthogonalize the matrices a parameter stacks (attention's q, k, v; SwiGLU's gate, up) each on its own, lr adjusted per matrix, as if separate (nanochat keeps them apart)")
+    muon_split: bool = arg(True, "muon: orthogonalize the matrices a parameter stacks (attention's q, k, v; SwiGLU's gate, up) each on its own, lr adjusted per matrix, as if separate (nanochat keeps them apart)")
     ema: float = arg(0.0, "decay of an exponential moving average of the weights (e.g. 0.99), used for evaluation, samples and the checkpoints' model.safetensors (so export and sample too); the training weights resume from state.pt; 0 = off")
 
 
