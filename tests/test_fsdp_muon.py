@@ -74,7 +74,7 @@ TOL = 3e-4
 MUON = {"optim.name": "muon", "run.max_steps": STEPS, "run.ckpt_every": HALF, "run.sample_tokens": 0}
 VARIANTS = {**MUON, "run.max_steps": 6, "run.ckpt_every": 3, "optim.muon_ns": "polar_express",
             "optim.muon_normuon": "true", "optim.muon_cautious_wd": "true", "optim.muon_momentum_warmup": 4,
-            "optim.muon_weight_decay": 0.1}
+            "optim.muon_weight_decay": 0.1, "optim.muon_split": "false"}  # split: the parametrized test below
 
 
 @pytest.mark.parametrize("variant", [[], ["optim.muon_ns=polar_express", "optim.muon_normuon=true",
