@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gptforge.measure import cpu_model_name
+
 
 def run_median_ms(flags: list[str], run_dir: Path, steps: int) -> float:
     cmd = [sys.executable, "-m", "gptforge", "train", "--run.dir", str(run_dir), *flags, "--run.max_steps", str(steps),
@@ -33,13 +35,6 @@ def run_median_ms(flags: list[str], run_dir: Path, steps: int) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     dts = [r["dt_ms"] for r in rows if "dt_ms" in r][3:]
     return statistics.median(dts)
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return "unknown CPU"
 
 
 def main() -> None:
@@ -63,7 +58,7 @@ def main() -> None:
             for i, (name, flags) in enumerate(settings.items()):
                 times[name].append(run_median_ms(flags, Path(tmp) / f"s{i}", args.steps))
     first = min(next(iter(times.values())))
-    print(f"{cpu_name()}; {args.repeats} runs of {args.steps} steps each, alternating; load {load0:.1f}-{os.getloadavg()[0]:.1f}")
+    print(f"{cpu_model_name()} ({os.cpu_count()} cores); {args.repeats} runs of {args.steps} steps each, alternating; load {load0:.1f}-{os.getloadavg()[0]:.1f}")
     print("| setting | flags | ms/step (fastest run's median) | every run's median | vs the first |")
     print("|---|---|---|---|---|")
     for name, flags in settings.items():
